@@ -1,0 +1,222 @@
+"""Reading and writing checkpoints safely, and rebuilding a VQGAN from nothing but its tensors.
+
+`torch.load` unpickles arbitrary objects, and `weights_only=True` refuses the real taming checkpoints because
+their Lightning callbacks are keyed by a class. The unpickler here lets tensors and plain containers through,
+turns training-framework classes into inert placeholders, and refuses everything else before it can run.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .model import VQGAN, VQGANConfig
+
+
+class CheckpointError(ValueError):
+    """A file that is not a loadable checkpoint; the message names the file and the reason."""
+
+
+# Globals a tensor checkpoint legitimately needs.
+_ALLOWED_GLOBALS = {
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "slice"),
+    ("torch", "Size"),
+    ("torch", "device"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"),
+    # numpy scalars and arrays, which some training loops store as metrics
+    ("_codecs", "encode"),
+    ("numpy", "dtype"),
+    ("numpy", "ndarray"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "_reconstruct"),
+}
+_TORCH_STORAGE = re.compile(r"(\w+Storage)$")
+# Training frameworks whose objects appear in checkpoint metadata; their state is data, never code we need.
+_INERT_MODULES = ("pytorch_lightning", "lightning", "lightning_fabric", "omegaconf")
+
+
+class Placeholder:
+    """Stands in for a framework class: keeps whatever state was pickled for it and does nothing else."""
+
+    qualname = "placeholder"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Placeholder:
+        return super().__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<placeholder for {self.qualname}>"
+
+
+def _placeholder(module: str, name: str) -> type:
+    return type(name, (Placeholder,), {"qualname": f"{module}.{name}", "__module__": "vqgan.checkpoint"})
+
+
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and (_TORCH_STORAGE.match(name) or isinstance(getattr(torch, name, None), torch.dtype)):
+            return getattr(torch, name)
+        if module.split(".")[0] in _INERT_MODULES:
+            return _placeholder(module, name)
+        raise _Refused(f"refusing to load {module}.{name}: a checkpoint may hold only tensors and plain data")
+
+
+def _restricted_load(file: Any, **kwargs: Any) -> Any:
+    return _RestrictedUnpickler(file, **kwargs).load()
+
+
+# torch.load uses a pickle module's `Unpickler` (zip checkpoints) and `load` (legacy ones).
+_restricted_pickle = types.SimpleNamespace(
+    Unpickler=_RestrictedUnpickler, load=_restricted_load, __name__="vqgan.checkpoint.restricted_pickle"
+)
+
+
+def load_checkpoint_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """Unpickle a checkpoint without running any code it carries; CheckpointError names the file and why."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty")
+    try:
+        return torch.load(path, map_location=map_location, pickle_module=_restricted_pickle, weights_only=False)
+    except _Refused as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except Exception as e:  # torch reports truncation and foreign formats with many exception types
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or another format): {e}") from e
+
+
+def save_checkpoint_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save that never leaves a half-written file: write beside, fsync, then rename over."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    # The rename itself is durable only once the directory entry is on disk.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+_MODEL_PREFIXES = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
+# A VQGAN nested in a larger model: taming's transformer and latent diffusion call it first_stage_model.
+_NESTED_PREFIX = "first_stage_model."
+
+
+def extract_state_dict(obj: Any, path: str | os.PathLike = "<checkpoint>") -> dict[str, torch.Tensor]:
+    """The VQGAN tensors of a taming `.ckpt`, a `{"state_dict": ...}` dict (ours too) or a bare state dict.
+
+    Loss weights (discriminator, perceptual net) are dropped; anything else that is not a VQGAN tensor is an
+    error, so that a wrong file is caught here rather than by odd images later.
+    """
+    state = obj
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        state = obj["state_dict"]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: no state dict of tensors found (keys: {_preview(obj)})")
+    if not any(k.startswith(_MODEL_PREFIXES) for k in state) and any(k.startswith(_NESTED_PREFIX) for k in state):
+        state = {k[len(_NESTED_PREFIX) :]: v for k, v in state.items() if k.startswith(_NESTED_PREFIX)}
+    state = {k: v for k, v in state.items() if not k.startswith("loss.")}
+    unexpected = sorted(k for k in state if not k.startswith(_MODEL_PREFIXES))
+    if unexpected:
+        raise CheckpointError(f"{path}: tensors that are not part of a VQGAN: {_list(unexpected)}")
+    return state
+
+
+def infer_config(state: dict[str, torch.Tensor], path: str | os.PathLike = "<checkpoint>") -> VQGANConfig:
+    """Read the architecture off the tensor shapes, so that no YAML is needed."""
+    try:
+        conv_in = state["encoder.conv_in.weight"]
+        ch = conv_in.shape[0]
+        levels = _count(state, r"encoder\.down\.(\d+)\.")
+        num_res_blocks = _count(state, r"encoder\.down\.0\.block\.(\d+)\.")
+        ch_mult = tuple(state[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch for i in range(levels))
+        attn_levels = tuple(i for i in range(levels) if f"encoder.down.{i}.attn.0.q.weight" in state)
+        n_embed, embed_dim = state["quantize.embedding.weight"].shape
+        z_channels = state["quant_conv.weight"].shape[1]
+        encoder_out = state["encoder.conv_out.weight"].shape[0]
+        out_ch = state["decoder.conv_out.weight"].shape[0]
+    except KeyError as e:
+        if "quantize.embed.weight" in state:
+            raise CheckpointError(f"{path}: Gumbel-quantized VQGANs are not supported") from None
+        raise CheckpointError(f"{path}: not a VQGAN state dict: missing tensor {e}") from None
+    if levels == 0 or num_res_blocks == 0:
+        raise CheckpointError(f"{path}: not a VQGAN state dict: the encoder has no levels or res blocks")
+    return VQGANConfig(
+        ch=ch,
+        ch_mult=ch_mult,
+        num_res_blocks=num_res_blocks,
+        attn_levels=attn_levels,
+        in_channels=conv_in.shape[1],
+        out_ch=out_ch,
+        z_channels=z_channels,
+        double_z=encoder_out == 2 * z_channels,
+        embed_dim=embed_dim,
+        n_embed=n_embed,
+    )
+
+
+def load_vqgan(path: str | os.PathLike, device: str | torch.device = "cpu") -> VQGAN:
+    """A VQGAN in eval mode from a taming `.ckpt`, a bare or nested state dict, or our own training's file."""
+    state = extract_state_dict(load_checkpoint_file(path), path)
+    model = VQGAN(infer_config(state, path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        problems = []
+        if missing:
+            problems.append(f"missing {_list(missing)}")
+        if unexpected:
+            problems.append(f"unexpected {_list(unexpected)}")
+        raise CheckpointError(f"{path}: tensors do not match the inferred architecture: {'; '.join(problems)}")
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _count(state: dict[str, torch.Tensor], pattern: str) -> int:
+    indices = {int(m.group(1)) for k in state if (m := re.match(pattern, k))}
+    return max(indices) + 1 if indices else 0
+
+
+def _list(names: list[str], most: int = 12) -> str:
+    more = f" ... and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+
+
+def _preview(obj: Any) -> str:
+    if isinstance(obj, dict):
+        return _list([str(k) for k in obj])
+    return type(obj).__name__

@@ -1,0 +1,266 @@
+"""The VQGAN image tokenizer: encoder, vector quantizer and decoder.
+
+Module and parameter names follow taming-transformers exactly (`encoder.down.0.block.1.conv2.weight`,
+`quantize.embedding.weight`, ...) so that its checkpoints load without renaming. The network is fully
+convolutional, so the architecture is described by levels rather than by an input resolution: level i works
+at 1/2**i of the image size, and attention is placed by level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class VQGANConfig:
+    ch: int = 128  # channels at the first level; level i has ch * ch_mult[i]
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)  # one entry per level; 5 levels = f16, 4 = f8
+    num_res_blocks: int = 2  # per encoder level; the decoder has one more
+    attn_levels: tuple[int, ...] = (4,)  # levels with self-attention after each res block
+    in_channels: int = 3
+    out_ch: int = 3
+    z_channels: int = 256
+    double_z: bool = False  # taming's encoder may emit 2 * z_channels (unused by VQ models)
+    embed_dim: int = 256  # width of a codebook vector
+    n_embed: int = 1024  # codebook size
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+def Normalize(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.norm1 = Normalize(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = Normalize(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        if hasattr(self, "nin_shortcut"):
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all pixels of a feature map, with 1x1 convolutions as projections."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = Normalize(channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        y = self.norm(x)
+        # [B, C, H, W] -> [B, 1, H*W, C]: one head whose sequence is the pixels
+        q, k, v = (proj(y).reshape(b, 1, c, h * w).transpose(2, 3) for proj in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v)
+        y = y.transpose(2, 3).reshape(b, c, h, w)
+        return x + self.proj_out(y)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Asymmetric padding (right and bottom only) halves even sizes exactly, as the checkpoints expect.
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _level(blocks: list[nn.Module], attns: list[nn.Module]) -> nn.Module:
+    level = nn.Module()
+    level.block = nn.ModuleList(blocks)
+    level.attn = nn.ModuleList(attns)
+    return level
+
+
+def _mid(channels: int) -> nn.Module:
+    mid = nn.Module()
+    mid.block_1 = ResnetBlock(channels, channels)
+    mid.attn_1 = AttnBlock(channels)
+    mid.block_2 = ResnetBlock(channels, channels)
+    return mid
+
+
+def _run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    for i, block in enumerate(level.block):
+        h = block(h)
+        if len(level.attn):
+            h = level.attn[i](h)
+    return h
+
+
+def _run_mid(mid: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    return mid.block_2(mid.attn_1(mid.block_1(h)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VQGANConfig):
+        super().__init__()
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        channels = cfg.ch
+        for i, mult in enumerate(cfg.ch_mult):
+            out = cfg.ch * mult
+            blocks = [ResnetBlock(channels if j == 0 else out, out) for j in range(cfg.num_res_blocks)]
+            attns = [AttnBlock(out) for _ in blocks] if i in cfg.attn_levels else []
+            level = _level(blocks, attns)
+            if i < len(cfg.ch_mult) - 1:
+                level.downsample = Downsample(out)
+            self.down.append(level)
+            channels = out
+        self.mid = _mid(channels)
+        self.norm_out = Normalize(channels)
+        self.conv_out = nn.Conv2d(channels, cfg.z_channels * (2 if cfg.double_z else 1), 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            h = _run_level(level, h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = _run_mid(self.mid, h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VQGANConfig):
+        super().__init__()
+        channels = cfg.ch * cfg.ch_mult[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels, channels, 3, padding=1)
+        self.mid = _mid(channels)
+        levels = []
+        for i in reversed(range(len(cfg.ch_mult))):
+            out = cfg.ch * cfg.ch_mult[i]
+            blocks = [ResnetBlock(channels if j == 0 else out, out) for j in range(cfg.num_res_blocks + 1)]
+            attns = [AttnBlock(out) for _ in blocks] if i in cfg.attn_levels else []
+            level = _level(blocks, attns)
+            if i > 0:
+                level.upsample = Upsample(out)
+            levels.insert(0, level)
+            channels = out
+        # Stored finest-first (up.0 is full resolution) but run coarsest-first, as in the checkpoints.
+        self.up = nn.ModuleList(levels)
+        self.norm_out = Normalize(channels)
+        self.conv_out = nn.Conv2d(channels, cfg.out_ch, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = _run_mid(self.mid, self.conv_in(z))
+        for level in reversed(self.up):
+            h = _run_level(level, h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-codebook-vector lookup; the training losses live in vqgan/train.py."""
+
+    def __init__(self, n_embed: int, embed_dim: int):
+        super().__init__()
+        self.embedding = nn.Embedding(n_embed, embed_dim)
+
+    def codes(self, z: torch.Tensor) -> torch.Tensor:
+        """[B, D, h, w] latents -> [B, h, w] indices of the nearest codebook vectors."""
+        b, d, h, w = z.shape
+        flat = z.permute(0, 2, 3, 1).reshape(-1, d)
+        codebook = self.embedding.weight
+        # |z|^2 + |e|^2 - 2 z.e, in this order, so that ties break as in the reference implementation
+        dist = flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * flat @ codebook.t()
+        return dist.argmin(dim=1).view(b, h, w)
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """[B, h, w] indices -> [B, D, h, w] codebook vectors."""
+        return self.embedding(codes).permute(0, 3, 1, 2).contiguous()
+
+
+@contextlib.contextmanager
+def _exact_convolutions():
+    # cuDNN may use TF32 for convolutions by default; codes are compared across machines, so encode in
+    # full fp32. The flag is global, hence restored afterwards.
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+
+
+class VQGAN(nn.Module):
+    """Images in [-1, 1] <-> grids of codebook indices."""
+
+    def __init__(self, cfg: VQGANConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quantize = VectorQuantizer(cfg.n_embed, cfg.embed_dim)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.n_embed
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.config.downsample_factor
+
+    @property
+    def device(self) -> torch.device:
+        return self.quant_conv.weight.device
+
+    def latents(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> continuous latents [B, embed_dim, H/f, W/f] before quantizing."""
+        return self.quant_conv(self.encoder(x))
+
+    def decode_latents(self, z_q: torch.Tensor) -> torch.Tensor:
+        """Quantized latents [B, embed_dim, h, w] -> images [B, 3, h*f, w*f]."""
+        return self.decoder(self.post_quant_conv(z_q))
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> codes [B, H/f, W/f] (int64), always computed in fp32."""
+        x = x.to(self.device, torch.float32)
+        with torch.autocast(self.device.type, enabled=False), _exact_convolutions():
+            return self.quantize.codes(self.latents(x))
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Codes [B, h, w] -> fp32 images [B, 3, h*f, w*f] in about [-1, 1].
+
+        `dtype` (bfloat16 or float16) runs the decoder under autocast: faster on GPUs, and not exact.
+        """
+        codes = codes.to(self.device, torch.long)
+        enabled = dtype is not None and dtype != torch.float32
+        with torch.autocast(self.device.type, dtype=dtype, enabled=enabled):
+            return self.decode_latents(self.quantize.lookup(codes)).float()
