@@ -1,0 +1,143 @@
+"""The text side of the data: a character vocabulary built from captions, tokenizer loading, fixed-length ids.
+
+Either tokenizer is a BERT-style WordPiece tokenizer from `transformers`, so the text encoder in model.py is a
+`BertModel` whether it is pretrained or trained from scratch.
+
+The built vocabulary is character level and behaves like the pretrained Chinese BERTs
+(bert-base-chinese, chinese-roberta-wwm-ext): text is lowercased, every CJK ideograph and every punctuation
+mark (ASCII or full-width) is a token of its own, and a run of other characters (latin letters, digits) is a
+word spelled one character at a time: "T恤" -> t 恤, "XL" -> x ##l, "2021" -> 2 ##0 ##2 ##1. Spaces separate
+words and are not tokens. Full-width letters are kept apart from ASCII ones ("Ｔ" -> "ｔ"), as those models do.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from tokenizers import normalizers, pre_tokenizers
+from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerBase
+
+from data import write_atomic
+
+VOCAB_FILE = "vocab.txt"
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # [PAD] first: id 0 is padding everywhere
+MAX_VOCAB = 65536  # ids are stored as uint16
+
+# The same normalizer and word splitter that BertTokenizerFast(do_lower_case=True) runs, so the vocabulary holds
+# exactly the pieces the tokenizer will look up.
+_NORMALIZER = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True)
+_WORD_SPLITTER = pre_tokenizers.BertPreTokenizer()
+# Always present so that prompts with letters or digits unseen in training still tokenize without [UNK].
+_BASE_PIECES = (
+    [c for c in string.ascii_lowercase + string.digits]
+    + ["##" + c for c in string.ascii_lowercase + string.digits]
+    + list(string.punctuation)
+)
+
+
+def char_pieces(caption: str) -> Iterator[str]:
+    """The vocabulary entries a caption needs: a word's first character as is, the others as `##c`."""
+    for word, _ in _WORD_SPLITTER.pre_tokenize_str(_NORMALIZER.normalize_str(caption)):
+        yield word[0]
+        for char in word[1:]:
+            yield "##" + char
+
+
+def has_text(caption: str) -> bool:
+    """False for a caption of nothing but spaces and control characters: it would tokenize to no words."""
+    return next(char_pieces(caption), None) is not None
+
+
+def build_char_vocab(captions: Iterable[str]) -> list[str]:
+    """The special tokens, then every piece of every caption in code point order: the same captions always
+    give the same file, whatever their order."""
+    pieces = set(_BASE_PIECES)
+    for caption in captions:
+        pieces.update(char_pieces(caption))
+    pieces.difference_update(SPECIAL_TOKENS)
+    vocab = [*SPECIAL_TOKENS, *sorted(pieces)]
+    if len(vocab) > MAX_VOCAB:
+        raise ValueError(f"the captions hold {len(vocab)} distinct pieces; ids must fit in uint16 ({MAX_VOCAB})")
+    return vocab
+
+
+def write_vocab(vocab: Sequence[str], path: str | os.PathLike) -> None:
+    """BERT's vocab.txt format: one token per line, the line number is the id."""
+    if any("\n" in token or "\r" in token or not token for token in vocab):
+        raise ValueError("vocabulary tokens must be non-empty and hold no line breaks")
+    write_atomic(path, "".join(token + "\n" for token in vocab))
+
+
+def read_vocab(path: str | os.PathLike) -> list[str]:
+    return Path(path).read_text(encoding="utf-8").splitlines()
+
+
+def load_tokenizer(spec: str, data_dir: str | os.PathLike | None = None) -> PreTrainedTokenizerBase:
+    """A tokenizer from meta.json's "tokenizer" value or prepare's --text_tokenizer.
+
+    `spec` is "vocab.txt" (the file in `data_dir`, as prepare.py writes it), a path to a vocab.txt or to a
+    folder holding a tokenizer, or a Hugging Face model name. Padding must be id 0.
+    """
+    path = Path(data_dir) / VOCAB_FILE if spec == VOCAB_FILE and data_dir is not None else Path(spec)
+    if path.is_file():
+        if path.name != VOCAB_FILE:
+            raise ValueError(f"{path}: a vocabulary file must be named {VOCAB_FILE} (BERT's format)")
+        tokenizer = _bert_tokenizer(path)
+    elif path.is_dir():
+        has_config = (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+        tokenizer = AutoTokenizer.from_pretrained(path) if has_config else _bert_tokenizer(path / VOCAB_FILE)
+    elif spec == VOCAB_FILE:
+        raise FileNotFoundError(f"{path}: no vocabulary file (was prepare.py run into {data_dir}?)")
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+    _check_tokenizer(tokenizer, spec)
+    return tokenizer
+
+
+def _bert_tokenizer(vocab_path: Path) -> PreTrainedTokenizerBase:
+    if not vocab_path.is_file():
+        raise FileNotFoundError(f"{vocab_path}: no such vocabulary file")
+    # Loaded through its folder: transformers 5 ignores BertTokenizerFast(vocab_file=...) and silently builds an
+    # empty vocabulary, while from_pretrained(folder) reads vocab.txt in every version.
+    tokenizer = BertTokenizerFast.from_pretrained(str(vocab_path.parent))
+    expected = len(read_vocab(vocab_path))
+    if len(tokenizer) != expected:
+        raise ValueError(f"{vocab_path}: loaded {len(tokenizer)} tokens, the file has {expected}")
+    return tokenizer
+
+
+def _check_tokenizer(tokenizer: PreTrainedTokenizerBase, spec: str) -> None:
+    if tokenizer.pad_token_id != 0:
+        raise ValueError(
+            f"tokenizer {spec!r} pads with id {tokenizer.pad_token_id}; the data format needs padding id 0 "
+            "(BERT-style tokenizers such as bert-base-chinese or chinese-roberta-wwm-ext have it)"
+        )
+    if len(tokenizer) > MAX_VOCAB:
+        raise ValueError(f"tokenizer {spec!r} has {len(tokenizer)} tokens; ids must fit in uint16 ({MAX_VOCAB})")
+
+
+def tokenize_captions(
+    tokenizer: PreTrainedTokenizerBase, captions: Sequence[str], text_len: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Captions -> (uint16 ids [N, text_len] right-padded with 0, full token counts [N] before truncation).
+
+    Ids include the tokenizer's special tokens ([CLS] ... [SEP]); a caption longer than `text_len` is cut by
+    the tokenizer, keeping its closing [SEP]. `counts > text_len` marks the truncated ones.
+    """
+    ids = np.zeros((len(captions), text_len), dtype=np.uint16)
+    if not captions:
+        return ids, np.zeros(0, dtype=np.int64)
+    full = tokenizer(list(captions), add_special_tokens=True, truncation=False)["input_ids"]
+    counts = np.array([len(row) for row in full], dtype=np.int64)
+    long_rows = np.flatnonzero(counts > text_len)
+    if len(long_rows):
+        cut = tokenizer([captions[i] for i in long_rows], truncation=True, max_length=text_len)["input_ids"]
+        for i, row in zip(long_rows, cut, strict=True):
+            full[i] = row
+    for i, row in enumerate(full):
+        ids[i, : len(row)] = row
+    return ids, counts
