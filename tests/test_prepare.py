@@ -1,5 +1,4 @@
 import base64
-import io
 import json
 import os
 import signal
@@ -8,67 +7,32 @@ import subprocess
 import sys
 import time
 import zlib
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TAMING_TINY, requires_fixtures
+from conftest import (
+    ROOT,
+    TAMING_TINY,
+    b64,
+    encoded,
+    good_rows,
+    random_image,
+    requires_fixtures,
+    write_dataset,
+    write_lines,
+)
+from conftest import TINY_F4_SIZE as SIZE
 from PIL import Image
 from transformers import BertTokenizerFast
 
 import prepare
 from data import BadRowError, decode_base64, image_from_base64, open_image, read_text_tsv, read_tsv
 from text import SPECIAL_TOKENS, load_tokenizer, tokenize_captions, write_vocab
-from vqgan import VQGAN, VQGANConfig, images_to_tensor, load_vqgan, save_checkpoint_atomic
+from vqgan import images_to_tensor, load_vqgan
 
-SIZE = 32  # the tiny VQGAN below is f4: 32x32 images -> 8x8 codes
-TINY_F4 = VQGANConfig(ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, attn_levels=(), z_channels=4, embed_dim=4, n_embed=64)
 OUTPUTS = [*prepare.output_names(), "meta.json", "vocab.txt"]
-
-
-@pytest.fixture(scope="module")
-def vqgan_ckpt(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("vqgan") / "tiny_f4.pt"
-    save_checkpoint_atomic({"state_dict": VQGAN(TINY_F4).state_dict(), "config": asdict(TINY_F4)}, path)
-    return path
-
-
-# --- building MUGE-format inputs ------------------------------------------------------------------------------
-
-
-def encoded(image: Image.Image, fmt: str = "PNG", **save_args) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **save_args)
-    return buffer.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def random_image(seed: int, size: tuple[int, int] = (SIZE, SIZE)) -> Image.Image:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
-
-
-def write_lines(path: Path, lines: list[str], newline: str = "\n", bom: bool = False) -> None:
-    data = "".join(line + newline for line in lines).encode("utf-8")
-    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + data)
-
-
-def write_dataset(folder: Path, rows: list[tuple[str, str, str]], split: str = "train") -> Path:
-    """rows: (img_id, base64 image, caption); the caption file lists them in reverse order."""
-    folder.mkdir(parents=True, exist_ok=True)
-    write_lines(folder / f"T2I_{split}.img.tsv", [f"{i}\t{img}" for i, img, _ in rows])
-    write_lines(folder / f"T2I_{split}.text.tsv", [f"{i}\t{cap}" for i, _, cap in reversed(rows)])
-    return folder
-
-
-def good_rows(n: int, prefix: str = "id", seed: int = 0) -> list[tuple[str, str, str]]:
-    return [(f"{prefix}{i}", b64(encoded(random_image(seed + i))), f"红色T恤 XL码 {i}号") for i in range(n)]
 
 
 def run_prepare(capsys, data_dir: Path, out_dir: Path, ckpt: Path, *extra: str) -> tuple[int, str]:
