@@ -1,0 +1,333 @@
+"""The embedded demo data: simple product pictures on white, with Chinese shop titles that describe them.
+
+Every picture is one product of a category (T恤, 连衣裙, ...), a colour (红, 蓝, ...) and a pattern (纯色, 条纹,
+...), drawn as a flat silhouette at a random size and place. Its title names the three among the filler words
+real titles are full of (`2021夏季新款`, `韩版宽松`, ...), and `parse_caption` reads them back, so a generated
+picture can be scored against its title: `foreground_colour` for the colour, and renders of known products
+for the category. Output is in the MUGE layout, so the real data path (prepare.py) runs on it unchanged:
+
+    python demo.py --out_dir data/demo_src --n_train 4096 --image_size 64 --seed 0
+
+The same arguments always give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import io
+import itertools
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from data import write_atomic
+
+CATEGORIES = ("T恤", "连衣裙", "裤子", "手提包", "帽子", "运动鞋", "口红", "香水")
+# Titles write a colour as "<name>色"; the RGB values are far apart so that pixels can be told apart.
+COLOURS = {
+    "红": (215, 35, 40),
+    "蓝": (35, 85, 200),
+    "绿": (40, 150, 70),
+    "黑": (30, 30, 30),
+    "白": (244, 244, 244),
+    "黄": (245, 200, 30),
+    "粉": (245, 145, 185),
+    "紫": (125, 60, 175),
+}
+PATTERNS = ("纯色", "条纹", "格子", "波点")
+# Outlines and details: a deeper shade that is still nearest its own colour. A white product would vanish on
+# white, so its trim and pattern are grey, and grey pixels count as white.
+TRIM = {
+    "红": (160, 20, 25),
+    "蓝": (20, 55, 150),
+    "绿": (25, 105, 45),
+    "黑": (70, 70, 70),
+    "白": (165, 165, 165),
+    "黄": (200, 150, 10),
+    "粉": (225, 95, 150),
+    "紫": (90, 35, 130),
+}
+BACKGROUND = (255, 255, 255)
+SUPERSAMPLE = 4  # drawn at 4x and reduced, for smooth edges
+
+# Filler that never contains a colour ("<x>色"), a category or a pattern word, so titles stay unambiguous.
+YEARS = ("2021", "2020", "2022", "")
+SEASONS = ("夏季新款", "春季新款", "秋冬新款", "春秋新款", "新款", "夏装")
+STYLES = ("韩版宽松", "ins风", "欧美风", "日系简约", "法式复古", "时尚百搭", "小众设计感", "轻奢", "学院风", "气质")
+SUFFIXES = {
+    "T恤": ("短袖女", "男士短袖上衣", "女宽松打底衫", "圆领半袖", "纯棉上衣"),
+    "连衣裙": ("女夏中长款", "收腰显瘦长裙", "气质女神范", "雪纺裙子"),
+    "裤子": ("女高腰阔腿", "男士休闲直筒", "宽松九分", "显瘦哈伦"),
+    "手提包": ("女大容量", "单肩斜挎", "通勤托特包", "真皮女包"),
+    "帽子": ("女遮阳", "鸭舌棒球帽", "男士防晒", "户外休闲"),
+    "运动鞋": ("男跑步鞋", "女透气休闲鞋", "学生板鞋", "轻便气垫"),
+    "口红": ("哑光滋润", "持久保湿", "唇膏正品", "学生平价"),
+    "香水": ("女士持久淡香", "清新花果香", "50ml", "男士古龙"),
+}
+
+
+@dataclass(frozen=True)
+class Product:
+    category: str
+    colour: str
+    pattern: str
+
+
+ALL_PRODUCTS = tuple(Product(*p) for p in itertools.product(CATEGORIES, COLOURS, PATTERNS))
+
+
+# --- titles ------------------------------------------------------------------------------------------------
+
+
+def make_caption(product: Product, rng: random.Random) -> str:
+    """A shop-style title that names the product's category, colour and pattern among filler words."""
+    when = rng.choice(YEARS) + rng.choice(SEASONS)
+    style = rng.choice(STYLES)
+    suffix = rng.choice(SUFFIXES[product.category])
+    colour = product.colour + "色"
+    templates = (
+        f"{when}{style}{colour}{product.pattern}{product.category}{suffix}",
+        f"{style}{product.pattern}{product.category}{suffix}{when}{colour}",
+        f"{when}{colour}{product.category}{style}{product.pattern}{suffix}",
+        f"{product.pattern}{colour}{product.category}{suffix}{style}{when}",
+    )
+    return rng.choice(templates)
+
+
+def parse_caption(caption: str) -> Product:
+    """The product a title describes; ValueError unless exactly one category, colour and pattern are named."""
+    return Product(
+        _the_one(caption, "category", [c for c in CATEGORIES if c in caption]),
+        _the_one(caption, "colour", [c for c in COLOURS if c + "色" in caption]),
+        _the_one(caption, "pattern", [p for p in PATTERNS if p in caption]),
+    )
+
+
+def _the_one(caption: str, what: str, found: list[str]) -> str:
+    if len(found) != 1:
+        raise ValueError(f"caption {caption!r} names {len(found)} {what} words ({found}), expected exactly one")
+    return found[0]
+
+
+# --- pictures ----------------------------------------------------------------------------------------------
+
+# Silhouettes in a unit box (x right, y down) and the box's width / height.
+ASPECT = {"T恤": 1.1, "连衣裙": 0.75, "裤子": 0.6, "手提包": 1.2, "帽子": 1.5, "运动鞋": 1.8, "口红": 0.35, "香水": 0.7}
+# Parts drawn in the pattern are polygons; "trim" parts (handles, caps, rings) are drawn in the outline colour.
+SHAPES: dict[str, dict[str, list]] = {
+    "T恤": {
+        "body": [
+            [(0.38, 0.0), (0.18, 0.04), (0.0, 0.3), (0.12, 0.43), (0.22, 0.34), (0.22, 1.0), (0.78, 1.0),
+             (0.78, 0.34), (0.88, 0.43), (1.0, 0.3), (0.82, 0.04), (0.62, 0.0), (0.56, 0.07), (0.5, 0.09),
+             (0.44, 0.07)]
+        ],
+    },
+    "连衣裙": {
+        "body": [
+            [(0.28, 0.0), (0.35, 0.0), (0.5, 0.14), (0.65, 0.0), (0.72, 0.0), (0.73, 0.3), (0.64, 0.42),
+             (1.0, 1.0), (0.0, 1.0), (0.36, 0.42), (0.27, 0.3)]
+        ],
+    },
+    "裤子": {
+        "body": [[(0.04, 0.0), (0.96, 0.0), (1.0, 1.0), (0.58, 1.0), (0.5, 0.28), (0.42, 1.0), (0.0, 1.0)]],
+        "lines": [[(0.04, 0.09), (0.96, 0.09)]],
+    },
+    "手提包": {
+        "body": [[(0.1, 0.36), (0.9, 0.36), (1.0, 1.0), (0.0, 1.0)]],
+        "arcs": [((0.27, 0.0, 0.73, 0.72), 180, 360)],
+    },
+    "帽子": {
+        "body": [
+            [(0.02, 0.8), (0.06, 0.45), (0.18, 0.18), (0.4, 0.04), (0.62, 0.18), (0.74, 0.45), (0.78, 0.8)],
+            [(0.7, 0.72), (0.98, 0.84), (1.0, 0.96), (0.7, 0.96)],
+            [(0.02, 0.8), (0.78, 0.8), (0.78, 0.96), (0.02, 0.96)],
+        ],
+        "trim": [[(0.36, 0.0), (0.44, 0.0), (0.44, 0.06), (0.36, 0.06)]],
+    },
+    "运动鞋": {
+        "body": [
+            [(0.0, 0.08), (0.1, 0.0), (0.3, 0.16), (0.42, 0.06), (0.52, 0.28), (0.76, 0.46), (0.94, 0.56),
+             (1.0, 0.72), (1.0, 1.0), (0.0, 1.0)]
+        ],
+        "lines": [[(0.0, 0.8), (1.0, 0.8)], [(0.46, 0.3), (0.56, 0.22)], [(0.56, 0.38), (0.66, 0.3)]],
+    },
+    "口红": {
+        "body": [[(0.0, 0.46), (1.0, 0.46), (1.0, 1.0), (0.0, 1.0)], [(0.2, 0.36), (0.8, 0.36), (0.8, 0.0),
+                                                                     (0.2, 0.16)]],
+        "trim": [[(0.08, 0.36), (0.92, 0.36), (0.92, 0.46), (0.08, 0.46)]],
+    },
+    "香水": {
+        "body": [[(0.0, 0.42), (0.08, 0.32), (0.92, 0.32), (1.0, 0.42), (1.0, 0.92), (0.92, 1.0), (0.08, 1.0),
+                  (0.0, 0.92)]],
+        "trim": [[(0.34, 0.0), (0.66, 0.0), (0.66, 0.2), (0.34, 0.2)], [(0.42, 0.2), (0.58, 0.2), (0.58, 0.32),
+                                                                        (0.42, 0.32)]],
+    },
+}
+
+
+def render(product: Product, image_size: int = 64, rng: random.Random | None = None) -> Image.Image:
+    """An RGB picture of `product` on white; `rng` picks its size, place, mirroring and pattern phase."""
+    rng = rng or random.Random(0)
+    s = image_size * SUPERSAMPLE
+    unit = s / 64  # pattern and line sizes scale with the picture, so every image size looks alike
+    aspect = ASPECT[product.category]
+    extent = rng.uniform(0.55, 0.92) * s  # the longer side of the product
+    w, h = (extent, extent / aspect) if aspect >= 1 else (extent * aspect, extent)
+    x0, y0 = rng.uniform(0.03 * s, s * 0.97 - w), rng.uniform(0.03 * s, s * 0.97 - h)
+    mirror = rng.random() < 0.5
+
+    def place(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        return [(x0 + (1 - x if mirror else x) * w, y0 + y * h) for x, y in points]
+
+    shape = SHAPES[product.category]
+    mask = Image.new("L", (s, s), 0)
+    draw_mask = ImageDraw.Draw(mask)
+    for polygon in shape["body"]:
+        draw_mask.polygon(place(polygon), fill=255)
+    base = COLOURS[product.colour]
+    trim = TRIM[product.colour]
+    second = trim if product.colour == "白" else BACKGROUND
+    canvas = Image.new("RGB", (s, s), BACKGROUND)
+    canvas.paste(_pattern(product.pattern, s, unit, base, second, rng), mask=mask)
+
+    draw = ImageDraw.Draw(canvas)
+    line = max(1, round(unit))
+    for polygon in shape["body"]:
+        draw.polygon(place(polygon), outline=trim, width=line)
+    for polygon in shape.get("trim", []):
+        draw.polygon(place(polygon), fill=trim)
+    for segment in shape.get("lines", []):
+        draw.line(place(segment), fill=trim, width=line)
+    for box, start, end in shape.get("arcs", []):
+        (ax0, ay0), (ax1, ay1) = place([box[:2], box[2:]])
+        draw.arc((min(ax0, ax1), ay0, max(ax0, ax1), ay1), start, end, fill=base, width=round(3 * unit))
+    return canvas.reduce(SUPERSAMPLE)
+
+
+def _pattern(pattern: str, s: int, unit: float, base: tuple, second: tuple, rng: random.Random) -> Image.Image:
+    layer = Image.new("RGB", (s, s), base)
+    draw = ImageDraw.Draw(layer)
+    period = 8 * unit
+    phase = rng.uniform(0, period)
+    steps = [phase + i * period for i in range(-1, int(s / period) + 2)]
+    if pattern == "条纹":
+        for y in steps:
+            draw.rectangle((0, y, s, y + period / 2), fill=second)
+    elif pattern == "格子":
+        for t in steps:
+            draw.rectangle((0, t, s, t + 2 * unit), fill=second)
+            draw.rectangle((t, 0, t + 2 * unit, s), fill=second)
+    elif pattern == "波点":
+        radius = 1.8 * unit
+        for row, y in enumerate(steps):
+            for x in steps:
+                cx = x + (period / 2 if row % 2 else 0)
+                draw.ellipse((cx - radius, y - radius, cx + radius, y + radius), fill=second)
+    return layer
+
+
+def foreground_mask(image: Image.Image | np.ndarray, threshold: float = 60.0) -> np.ndarray:
+    """bool [H, W]: pixels farther than `threshold` (RGB distance) from the white background."""
+    return _distance_from_white(image)[1] > threshold
+
+
+def _distance_from_white(image: Image.Image | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pixels = np.asarray(image, dtype=np.float32)[..., :3]
+    return pixels, np.linalg.norm(pixels - np.array(BACKGROUND, np.float32), axis=-1)
+
+
+def foreground_colour(image: Image.Image | np.ndarray) -> str:
+    """The colour name whose body or trim shade is nearest to the median of the most strongly coloured pixels.
+
+    Patterns are white on coloured products, so their pixels and the blends at their borders are the palest
+    part of the foreground and are left out. White products show only their grey trim, which counts as white,
+    as does a picture with no foreground at all.
+    """
+    pixels, distance = _distance_from_white(image)
+    foreground = distance > 60.0
+    if not foreground.any():
+        return "白"
+    # The half of the foreground farthest from white: solid colour rather than its blends with white.
+    core = pixels[foreground & (distance >= np.median(distance[foreground]))]
+    median = np.median(core, axis=0)
+    references = list(COLOURS.items()) + list(TRIM.items())
+    return min(references, key=lambda ref: float(np.sum((median - np.array(ref[1])) ** 2)))[0]
+
+
+# --- the dataset -------------------------------------------------------------------------------------------
+
+SPLITS = ("train", "val", "test")
+
+
+def split_products(split: str, n: int, seed: int) -> list[Product]:
+    """`n` products that visit every combination equally often, in a seeded order."""
+    rng = random.Random(f"{seed}/{split}/products")
+    products: list[Product] = []
+    while len(products) < n:
+        round_ = list(ALL_PRODUCTS)
+        rng.shuffle(round_)
+        products.extend(round_)
+    return products[:n]
+
+
+def make_split(split: str, n: int, image_size: int, seed: int) -> list[tuple[str, str, Image.Image, Product]]:
+    """(img_id, caption, image, product) rows of one split; the same arguments give the same rows."""
+    rng = random.Random(f"{seed}/{split}/rows")
+    rows = []
+    for i, product in enumerate(split_products(split, n, seed)):
+        img_id = hashlib.md5(f"demo/{seed}/{split}/{i}".encode()).hexdigest()
+        caption = make_caption(product, rng)
+        rows.append((img_id, caption, render(product, image_size, rng), product))
+    return rows
+
+
+def png_base64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def write_dataset(out_dir: str | Path, n_train: int = 4096, n_val: int = 256, n_test: int = 64,
+                  image_size: int = 64, seed: int = 0) -> dict[str, Path]:
+    """Write T2I_{train,val}.{img,text}.tsv and T2I_test.text.tsv under `out_dir`; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    for split, n in zip(SPLITS, (n_train, n_val, n_test), strict=True):
+        rows = make_split(split, n, image_size, seed)
+        texts = "".join(f"{img_id}\t{caption}\n" for img_id, caption, _, _ in rows)
+        # Atomic writes: an interrupted run never leaves a truncated TSV that looks complete.
+        paths[f"{split}.text"] = out_dir / f"T2I_{split}.text.tsv"
+        write_atomic(paths[f"{split}.text"], texts)
+        if split != "test":  # the test split has titles only, as in MUGE
+            images = "".join(f"{img_id}\t{png_base64(image)}\n" for img_id, _, image, _ in rows)
+            paths[f"{split}.img"] = out_dir / f"T2I_{split}.img.tsv"
+            write_atomic(paths[f"{split}.img"], images)
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out_dir", default="data/demo_src", help="folder for the T2I_*.tsv files")
+    parser.add_argument("--n_train", type=int, default=4096, help="training images")
+    parser.add_argument("--n_val", type=int, default=256, help="validation images")
+    parser.add_argument("--n_test", type=int, default=64, help="test titles (no images, as in MUGE)")
+    parser.add_argument("--image_size", type=int, default=64,
+                        help="square image side in pixels (48 or more keeps the patterns visible)")
+    parser.add_argument("--seed", type=int, default=0, help="the same seed gives byte-identical files")
+    args = parser.parse_args()
+    if args.image_size < 16:
+        parser.error("--image_size must be at least 16")
+    paths = write_dataset(args.out_dir, args.n_train, args.n_val, args.n_test, args.image_size, args.seed)
+    for path in paths.values():
+        print(path, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT
+
+import demo
+from data import image_from_base64, read_text_tsv, read_tsv
+
+TSV_FILES = ("T2I_train.img.tsv", "T2I_train.text.tsv", "T2I_val.img.tsv", "T2I_val.text.tsv", "T2I_test.text.tsv")
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    demo.write_dataset(out, n_train=40, n_val=12, n_test=6, image_size=64, seed=3)
+    return out
+
+
+def test_same_seed_gives_byte_identical_files(small_dataset, tmp_path):
+    demo.write_dataset(tmp_path / "again", n_train=40, n_val=12, n_test=6, image_size=64, seed=3)
+    demo.write_dataset(tmp_path / "other", n_train=40, n_val=12, n_test=6, image_size=64, seed=4)
+    for name in TSV_FILES:
+        assert (small_dataset / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
+        assert (small_dataset / name).read_bytes() != (tmp_path / "other" / name).read_bytes(), name
+
+
+def test_files_are_in_the_muge_layout(small_dataset):
+    counts = {"train": 40, "val": 12, "test": 6}
+    all_ids = []
+    for split, n in counts.items():
+        texts = list(read_text_tsv(small_dataset / f"T2I_{split}.text.tsv"))
+        assert len(texts) == n and all(row.error is None for row in texts)
+        ids = [row.img_id for row in texts]
+        all_ids += ids
+        if split == "test":
+            assert not (small_dataset / "T2I_test.img.tsv").exists()
+            continue
+        rows = list(read_tsv(small_dataset / f"T2I_{split}.img.tsv"))
+        assert [row.img_id for row in rows] == ids
+        for row in rows:
+            image = image_from_base64(row.value, 64)
+            assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+    assert len(set(all_ids)) == len(all_ids) and all(len(i) == 32 for i in all_ids)
+
+
+def test_caption_and_picture_agree_with_the_product(small_dataset):
+    for split in ("train", "val"):
+        captions = {row.img_id: row.caption for row in read_text_tsv(small_dataset / f"T2I_{split}.text.tsv")}
+        rows = demo.make_split(split, len(captions), 64, seed=3)
+        for img_id, caption, image, product in rows:
+            assert captions[img_id] == caption
+            assert demo.parse_caption(caption) == product
+            assert demo.foreground_colour(image) == product.colour, caption
+            assert demo.foreground_mask(image).mean() > 0.02  # something is drawn
+
+
+def test_every_product_parses_back_from_its_captions():
+    rng = random.Random(0)
+    assert len(demo.ALL_PRODUCTS) == len(demo.CATEGORIES) * len(demo.COLOURS) * len(demo.PATTERNS) == 256
+    for product in demo.ALL_PRODUCTS:
+        for _ in range(8):
+            caption = demo.make_caption(product, rng)
+            assert demo.parse_caption(caption) == product, caption
+
+
+def test_foreground_colour_of_every_product_at_several_sizes():
+    for size in (48, 64, 128):  # below 48 px the patterns blur into the colour
+        rng = random.Random(size)
+        for product in demo.ALL_PRODUCTS:
+            image = demo.render(product, size, rng)
+            assert image.size == (size, size) and image.mode == "RGB"
+            assert demo.foreground_colour(image) == product.colour, (product, size)
+
+
+def test_splits_cover_the_products_evenly():
+    products = demo.split_products("train", 2 * len(demo.ALL_PRODUCTS), seed=0)
+    assert sorted(map(repr, products)) == sorted(map(repr, demo.ALL_PRODUCTS * 2))
+
+
+@pytest.mark.parametrize(
+    "caption",
+    ["2021夏季新款韩版宽松条纹T恤短袖女", "红色蓝色条纹T恤", "红色条纹波点T恤", "红色条纹T恤帽子", "韩版宽松连帽卫衣"],
+)
+def test_ambiguous_or_incomplete_captions_are_refused(caption):
+    with pytest.raises(ValueError, match="expected exactly one"):
+        demo.parse_caption(caption)
+
+
+def test_lipstick_is_not_read_as_red():
+    assert demo.parse_caption("2021新款蓝色纯色口红哑光滋润") == demo.Product("口红", "蓝", "纯色")
+
+
+def test_empty_picture_counts_as_white():
+    assert demo.foreground_colour(np.full((16, 16, 3), 255, np.uint8)) == "白"
+
+
+def test_cli_writes_the_files(tmp_path):
+    cmd = [sys.executable, "demo.py", "--out_dir", str(tmp_path), "--n_train", "4", "--n_val", "2", "--n_test", "2",
+           "--image_size", "32", "--seed", "1"]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(TSV_FILES)

@@ -1,0 +1,746 @@
+"""Train a VQGAN from scratch, or fine-tune one (a taming checkpoint or our own), on product images.
+
+    # the demo tokenizer (assets/vqgan_demo.pt): 64 px, f8, 512 codes, from scratch
+    python -m vqgan.train --data data/demo_src/T2I_train.img.tsv --val_data data/demo_src/T2I_val.img.tsv \\
+        --image_size 64 --ch 32 --ch_mult 1,1,2,2 --num_res_blocks 1 --attn_levels "" --z_channels 32 \\
+        --embed_dim 8 --n_embed 512 --codebook_ema 0.99 --l2_weight 10 --batch_size 16 --lr 5e-4 \\
+        --min_lr 5e-5 --warmup_steps 100 --max_steps 2400 --eval_every 400 --out_dir out/vqgan_demo
+    # fine-tune the ImageNet f16 tokenizer on MUGE photos, with the patch discriminator after 2000 steps
+    python -m vqgan.train --init_from vqgan_imagenet_f16_1024/checkpoints/last.ckpt \\
+        --data dataset/ECommerce-T2I/T2I_train.img.tsv --val_data dataset/ECommerce-T2I/T2I_val.img.tsv \\
+        --image_size 256 --batch_size 8 --lr 2e-5 --disc_start 2000 --num_workers 6 --out_dir out/vqgan_muge
+
+Images come from MUGE `*.img.tsv` files or folders of image files, streamed (never all in memory) and fitted
+to the square as prepare.py does. The loss is L1 (plus, optionally, squared error) and a multi-scale SSIM term,
+none of which needs a pretrained network; the codebook and commitment losses of the straight-through
+quantizer (or, with `--codebook_ema`, codes kept at running means of their latents); and, from `--disc_start`
+on, a hinge-loss patch discriminator whose weight follows the gradient scale of the reconstruction loss. A
+fresh codebook starts on encoder outputs, and codes unused for `--restart_every` steps are moved onto encoder
+outputs of the current batch.
+
+`<out_dir>/ckpt.pt` holds the whole training state (`--resume` continues it); `<out_dir>/vqgan.pt` only the
+weights and config, for prepare.py and generate.py. Both load with `vqgan.load_vqgan`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import random
+import shlex
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from data import RESIZE_MODES, BadRowError, TsvRow, fit_to_square, image_from_base64, open_image, read_tsv
+from utils import Progress, autocast, pick_device, pick_dtype
+
+from . import (
+    VQGAN,
+    VQGANConfig,
+    images_to_tensor,
+    load_checkpoint_file,
+    load_vqgan,
+    save_checkpoint_atomic,
+    tensor_to_images,
+)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+CKPT_FILE = "ckpt.pt"  # full training state
+EXPORT_FILE = "vqgan.pt"  # weights and config only
+GRID_FILE = "reconstructions.png"
+
+
+class TrainError(Exception):
+    """A problem with the inputs or options that stops the run; the message says what to do."""
+
+
+# --- images ------------------------------------------------------------------------------------------------
+
+
+def list_items(sources: list[str]) -> list[tuple[str, Path | None]]:
+    """(label, path) of every image file, and (TSV path, None) for every TSV, whose rows are read as they stream."""
+    items: list[tuple[str, Path | None]] = []
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not files:
+                raise TrainError(f"{path}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
+            items.extend((str(p), p) for p in files)
+        elif path.is_file():
+            items.append((str(path), None))
+        else:
+            raise TrainError(f"{path}: no such file or folder")
+    return items
+
+
+def stream_images(
+    sources: list[str], image_size: int, resize: str, order: random.Random | None = None,
+    skip: frozenset = frozenset(), shard: tuple[int, int] = (0, 1),
+) -> Iterator[tuple[str, np.ndarray]]:
+    """(label, uint8 [S, S, 3]) for every readable image: in file order, or with `order`, files shuffled.
+
+    `label` is `file:line` for TSV rows and the path for image files; labels in `skip` are left out.
+    Unreadable images are reported on stderr and skipped. `shard` (index, count) keeps every count-th image,
+    so that data-loading workers split the work (they must then share the same `order`).
+    """
+    items = list_items(sources)
+    if order is not None:
+        order.shuffle(items)  # a TSV's rows stay in file order: the shuffle buffer mixes them
+    index, count = shard
+    position = -1
+    for label, path in items:
+        rows = ((f"{label}:{row.line_no}", row) for row in read_tsv(label)) if path is None else [(label, path)]
+        for where, row in rows:
+            position += 1
+            if position % count != index or where in skip:
+                continue
+            try:
+                yield where, _decode(row, image_size, resize)
+            except BadRowError as e:
+                print(f"warning: {where}: skipped: {e}", file=sys.stderr)
+
+
+def _decode(row: Path | TsvRow, image_size: int, resize: str) -> np.ndarray:
+    if isinstance(row, Path):
+        try:
+            data = row.read_bytes()
+        except OSError as e:
+            raise BadRowError("unreadable file", str(e)) from None
+        return np.asarray(fit_to_square(open_image(data), image_size, resize), dtype=np.uint8)
+    if row.error is not None:
+        raise row.error
+    return image_from_base64(row.value, image_size, resize)
+
+
+class ImageStream(torch.utils.data.IterableDataset):
+    """An endless, shuffled stream of training images; each DataLoader worker reads its own share."""
+
+    def __init__(self, sources: list[str], image_size: int, resize: str, seed: int, buffer_size: int,
+                 skip: frozenset = frozenset()):
+        super().__init__()
+        self.sources, self.image_size, self.resize = sources, image_size, resize
+        self.seed, self.buffer_size, self.skip = seed, buffer_size, skip
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        info = torch.utils.data.get_worker_info()
+        shard = (info.id, info.num_workers) if info else (0, 1)
+        buffer_rng = random.Random(f"{self.seed}/buffer/{shard[0]}")
+        buffer: list[np.ndarray] = []
+        for epoch in itertools.count():
+            # Every worker shuffles the files alike, so that the shards still split them exactly.
+            order = random.Random(f"{self.seed}/order/{epoch}")
+            images = stream_images(self.sources, self.image_size, self.resize, order, self.skip, shard)
+            seen = 0
+            for _, image in images:
+                seen += 1
+                # TSVs stream in file order; the buffer decorrelates neighbouring rows.
+                if len(buffer) < self.buffer_size:
+                    buffer.append(image)
+                    continue
+                i = buffer_rng.randrange(len(buffer))
+                yield buffer[i]
+                buffer[i] = image
+            if seen == 0:
+                break  # no images at all (or none for this worker): stop rather than loop forever
+        yield from buffer
+
+
+def load_held_out(sources: list[str], n: int, image_size: int, resize: str) -> tuple[np.ndarray, list[str]]:
+    """The first `n` readable images (in file order) and their labels."""
+    images, labels = [], []
+    for where, image in stream_images(sources, image_size, resize):
+        if len(images) == n:
+            break
+        images.append(image)
+        labels.append(where)
+    if not images:
+        raise TrainError(f"no readable images in {', '.join(sources)}")
+    return np.stack(images), labels
+
+
+# --- losses ------------------------------------------------------------------------------------------------
+
+
+def quantize(model: VQGAN, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Nearest-code quantization that gradients pass straight through to the encoder.
+
+    Returns (quantized latents, codes, codebook loss, commitment loss): the codebook loss pulls the chosen
+    codes towards the encoder outputs, the commitment loss keeps the encoder near its codes.
+    """
+    with torch.no_grad():
+        codes = model.quantize.codes(z)
+    z_q = model.quantize.lookup(codes)
+    codebook_loss = F.mse_loss(z_q, z.detach())
+    commitment_loss = F.mse_loss(z, z_q.detach())
+    return z + (z_q - z).detach(), codes, codebook_loss, commitment_loss
+
+
+def _gaussian_window(size: int = 7, sigma: float = 1.5) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).expand(3, 1, size, size).contiguous()
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """Mean structural similarity of images in [-1, 1] (1 = identical)."""
+    c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2  # the usual constants for a value range of 2
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, window, groups=3)
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return s.mean()
+
+
+def multiscale_ssim_loss(x: torch.Tensor, y: torch.Tensor, scales: int = 3) -> torch.Tensor:
+    """1 - SSIM averaged over the image and its 2x and 4x reductions: edges and textures at several sizes."""
+    window = _gaussian_window().to(x.device)
+    losses = []
+    for _ in range(scales):
+        if min(x.shape[-2:]) < window.shape[-1]:
+            break
+        losses.append(1 - ssim(x, y, window))
+        x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
+    return torch.stack(losses).mean()
+
+
+class PatchDiscriminator(nn.Module):
+    """Stride-2 convolutions that end in one real/fake logit per overlapping image patch (PatchGAN)."""
+
+    def __init__(self, ch: int = 64, n_layers: int = 3):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(3, ch, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        channels = ch
+        for i in range(1, n_layers + 1):
+            out = ch * min(2**i, 8)
+            stride = 2 if i < n_layers else 1
+            layers += [nn.Conv2d(channels, out, 4, stride, padding=1, bias=False), nn.GroupNorm(8, out),
+                       nn.LeakyReLU(0.2)]
+            channels = out
+        layers.append(nn.Conv2d(channels, 1, 4, stride=1, padding=1))
+        self.layers = nn.Sequential(*layers)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.normal_(module.weight, 0.0, 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
+
+
+def adaptive_gan_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+    """Scale the GAN loss so that its gradient at the decoder's last layer matches the reconstruction's."""
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+    return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+
+# --- the codebook ------------------------------------------------------------------------------------------
+
+
+class EMACodebook:
+    """Codebook vectors kept as running means of the encoder outputs assigned to them (`--codebook_ema`).
+
+    An alternative to the codebook loss: Adam moves a code by about the learning rate per step, so a fresh
+    codebook needs thousands of steps to reach the latents, while a running mean follows them within about
+    1 / (1 - decay) steps. Each code starts as if it had been assigned one latent equal to itself.
+    """
+
+    def __init__(self, weight: torch.Tensor, decay: float):
+        self.decay = decay
+        self.cluster_size = torch.ones(weight.shape[0], device=weight.device)
+        self.embed_sum = weight.detach().float().clone()
+
+    @torch.no_grad()
+    def update(self, weight: torch.Tensor, z: torch.Tensor, codes: torch.Tensor) -> None:
+        latents = z.detach().float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        codes = codes.flatten()
+        counts = torch.bincount(codes, minlength=weight.shape[0]).float()
+        sums = torch.zeros_like(self.embed_sum).index_add_(0, codes, latents)
+        self.cluster_size.lerp_(counts, 1 - self.decay)
+        self.embed_sum.lerp_(sums, 1 - self.decay)
+        weight.copy_(self.embed_sum / self.cluster_size.clamp(min=1e-12)[:, None])
+
+    def reset(self, weight: torch.Tensor, ids: torch.Tensor) -> None:
+        """Codes that were moved by hand start their running means afresh where they now are."""
+        self.cluster_size[ids] = 1.0
+        self.embed_sum[ids] = weight.detach().float()[ids]
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "cluster_size": self.cluster_size, "embed_sum": self.embed_sum}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cluster_size = state["cluster_size"].to(self.cluster_size.device)
+        self.embed_sum = state["embed_sum"].to(self.embed_sum.device)
+
+
+def restart_dead_codes(model: VQGAN, dead: torch.Tensor, z: torch.Tensor, optimizer: torch.optim.Optimizer,
+                       ema: EMACodebook | None = None, generator: torch.Generator | None = None) -> int:
+    """Move the `dead` codes (bool [n_embed]) onto random encoder outputs `z` [B, D, h, w] of this batch.
+
+    A code no input maps to gets no update and would stay unused forever; placed on a real latent it starts
+    winning inputs. Their optimizer moments (or running means) restart too, so that stale history does not
+    pull them away.
+    """
+    dead_ids = dead.nonzero().flatten()
+    if len(dead_ids) == 0:
+        return 0
+    latents = z.detach().float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+    # With replacement only when the batch has fewer latents than dead codes; the noise separates duplicates.
+    picks = torch.randperm(len(latents), generator=generator)[: len(dead_ids)].to(latents.device)
+    if len(picks) < len(dead_ids):
+        picks = torch.randint(len(latents), (len(dead_ids),), generator=generator).to(latents.device)
+    noise = torch.randn(len(dead_ids), latents.shape[1], generator=generator).to(latents.device)
+    weight = model.quantize.embedding.weight
+    with torch.no_grad():
+        weight[dead_ids] = latents[picks] + 0.01 * latents.std() * noise
+    for moment in optimizer.state.get(weight, {}).values():
+        if isinstance(moment, torch.Tensor) and moment.shape == weight.shape:
+            moment[dead_ids] = 0
+    if ema is not None:
+        ema.reset(weight, dead_ids)
+    return len(dead_ids)
+
+
+# --- evaluation --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def reconstruct(model: VQGAN, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, torch.Tensor]:
+    """uint8 images -> (uint8 reconstructions, codes) through the inference path: encode, then decode."""
+    outputs, all_codes = [], []
+    for start in range(0, len(images), batch_size):
+        x = images_to_tensor(images[start : start + batch_size]).to(model.device)
+        codes = model.encode(x)
+        outputs.append(tensor_to_images(model.decode(codes)))
+        all_codes.append(codes.cpu())
+    return np.concatenate(outputs), torch.cat(all_codes)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Peak signal-to-noise ratio in dB per uint8 image pair."""
+    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(len(a), -1).mean(axis=1)
+    return 10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))
+
+
+def codebook_stats(codes: torch.Tensor, n_embed: int) -> dict[str, float]:
+    counts = torch.bincount(codes.flatten(), minlength=n_embed).double()
+    p = counts / counts.sum()
+    entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
+    used = int((counts > 0).sum())
+    return {"codes_used": used, "usage": used / n_embed, "perplexity": math.exp(entropy)}
+
+
+def evaluate(model: VQGAN, images: np.ndarray, batch_size: int) -> dict[str, float]:
+    """PSNR of the round trip and codebook usage on held-out images."""
+    recon, codes = reconstruct(model, images, batch_size)
+    return {"psnr": float(psnr(images, recon).mean()), **codebook_stats(codes, model.codebook_size),
+            "images": len(images)}
+
+
+def save_grid(model: VQGAN, images: np.ndarray, path: Path, n: int = 16, batch_size: int = 16) -> None:
+    """Originals above their reconstructions, `n` per row pair, for looking at rather than measuring."""
+    images = images[:n]
+    recon, _ = reconstruct(model, images, batch_size)
+    rows = [np.concatenate(list(images), axis=1), np.concatenate(list(recon), axis=1)]
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------
+
+
+def inference_checkpoint(model: VQGAN, step: int, metrics: dict, command: str) -> dict:
+    """What prepare.py and generate.py need: the weights under taming's names and the architecture."""
+    return {"state_dict": model.state_dict(), "config": asdict(model.config), "step": step, "metrics": metrics,
+            "command": command}
+
+
+def training_checkpoint(model: VQGAN, opt: Optimizers, step: int, usage_counts: torch.Tensor, metrics: dict,
+                        args: argparse.Namespace, command: str) -> dict:
+    """Everything `--resume` needs, in a layout `load_vqgan` also reads."""
+    ckpt = inference_checkpoint(model, step, metrics, command)
+    ckpt.update({
+        "optimizer": opt.model.state_dict(),
+        "discriminator": opt.disc.state_dict() if opt.disc is not None else None,
+        "disc_optimizer": opt.disc_optimizer.state_dict() if opt.disc_optimizer is not None else None,
+        "scaler": opt.scaler.state_dict(),
+        "codebook_ema": opt.codebook_ema.state_dict() if opt.codebook_ema is not None else None,
+        "usage_counts": usage_counts,
+        "train_config": vars(args),
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+    })
+    if torch.cuda.is_available():
+        ckpt["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+    return ckpt
+
+
+def restore_training_state(ckpt: dict, opt: Optimizers) -> None:
+    """Optimizer, discriminator, loss scale and random state of a `training_checkpoint` (weights are loaded
+    with the model)."""
+    opt.model.load_state_dict(ckpt["optimizer"])
+    if opt.disc is not None and ckpt.get("discriminator") is not None:
+        opt.disc.load_state_dict(ckpt["discriminator"])
+        opt.disc_optimizer.load_state_dict(ckpt["disc_optimizer"])
+    opt.scaler.load_state_dict(ckpt["scaler"])
+    if opt.codebook_ema is not None and ckpt.get("codebook_ema") is not None:
+        opt.codebook_ema.load_state_dict(ckpt["codebook_ema"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    random.setstate(ckpt["rng"]["python"])
+    if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+
+
+def save(out_dir: Path, ckpt: dict) -> None:
+    save_checkpoint_atomic(ckpt, out_dir / CKPT_FILE)
+    export = {k: ckpt[k] for k in ("state_dict", "config", "step", "metrics", "command")}
+    save_checkpoint_atomic(export, out_dir / EXPORT_FILE)
+
+
+class Forward(NamedTuple):
+    loss: torch.Tensor  # everything but the GAN term
+    rec_loss: torch.Tensor  # the weighted L1 + L2 + SSIM part, whose gradient scale the GAN weight follows
+    l1: torch.Tensor
+    l2: torch.Tensor
+    ssim: torch.Tensor
+    codebook: torch.Tensor
+    commitment: torch.Tensor
+    x_rec: torch.Tensor  # fp32 reconstructions
+    z: torch.Tensor  # encoder latents before quantizing
+    codes: torch.Tensor
+
+
+def forward(model: VQGAN, x: torch.Tensor, args: argparse.Namespace, device: torch.device,
+            dtype: torch.dtype) -> Forward:
+    """Encode, quantize (fp32, so that code choice does not depend on the precision) and decode one batch."""
+    with autocast(device, dtype):
+        z = model.latents(x)
+    z_q, codes, codebook_loss, commitment_loss = quantize(model, z.float())
+    with autocast(device, dtype):
+        x_rec = model.decode_latents(z_q)
+    x_rec = x_rec.float()
+    l1 = (x_rec - x).abs().mean()
+    l2 = (x_rec - x).pow(2).mean()
+    ssim_loss = multiscale_ssim_loss(x_rec, x)
+    rec_loss = args.l1_weight * l1 + args.l2_weight * l2 + args.ssim_weight * ssim_loss
+    loss = rec_loss + args.commit_beta * commitment_loss
+    if args.codebook_ema <= 0:
+        loss = loss + args.codebook_weight * codebook_loss
+    return Forward(loss, rec_loss, l1, l2, ssim_loss, codebook_loss, commitment_loss, x_rec, z, codes)
+
+
+# --- the run -----------------------------------------------------------------------------------------------
+
+
+class Optimizers(NamedTuple):
+    model: torch.optim.Optimizer
+    disc: nn.Module | None  # the patch discriminator, when one is used
+    disc_optimizer: torch.optim.Optimizer | None
+    scaler: torch.amp.GradScaler  # loss scaling for float16; a no-op otherwise
+    codebook_ema: EMACodebook | None  # with --codebook_ema the codebook is a running mean, not trained by Adam
+
+
+def make_optimizers(model: VQGAN, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Optimizers:
+    codebook = model.quantize.embedding.weight
+    codebook_ema = None
+    if args.codebook_ema > 0:
+        codebook_ema = EMACodebook(codebook, args.codebook_ema)
+        codebook.requires_grad_(False)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trained, lr=args.lr, betas=(args.beta1, args.beta2))
+    disc = disc_optimizer = None
+    if args.disc_start >= 0:
+        disc = PatchDiscriminator(args.disc_ch, args.disc_layers).to(device)
+        disc_optimizer = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    return Optimizers(optimizer, disc, disc_optimizer, scaler, codebook_ema)
+
+
+def train_step(model: VQGAN, x: torch.Tensor, args: argparse.Namespace, step: int, opt: Optimizers,
+               device: torch.device, dtype: torch.dtype) -> tuple[Forward, float, float]:
+    """One update of the VQGAN, and of the discriminator once it is on: (forward pass, GAN weight, D loss)."""
+    lr = learning_rate(step, args)
+    for group in opt.model.param_groups + (opt.disc_optimizer.param_groups if opt.disc_optimizer else []):
+        group["lr"] = lr
+    out = forward(model, x, args, device, dtype)
+    loss = out.loss
+    gan_on = opt.disc is not None and step >= args.disc_start
+    gan_weight = 0.0
+    if gan_on:
+        opt.disc.requires_grad_(False)  # the generator's step must not train the discriminator
+        with autocast(device, dtype):
+            gan_loss = -opt.disc(out.x_rec).float().mean()
+        last_layer = model.decoder.conv_out.weight
+        gan_weight = args.disc_weight * (
+            adaptive_gan_weight(out.rec_loss, gan_loss, last_layer) if args.disc_adaptive else 1.0
+        )
+        loss = loss + gan_weight * gan_loss
+    opt.model.zero_grad(set_to_none=True)
+    opt.scaler.scale(loss).backward()
+    opt.scaler.unscale_(opt.model)
+    if args.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    opt.scaler.step(opt.model)
+    if opt.codebook_ema is not None:
+        opt.codebook_ema.update(model.quantize.embedding.weight, out.z, out.codes)
+    disc_loss = 0.0
+    if gan_on:
+        opt.disc.requires_grad_(True)
+        with autocast(device, dtype):
+            d_loss = hinge_discriminator_loss(opt.disc(x).float(), opt.disc(out.x_rec.detach()).float())
+        opt.disc_optimizer.zero_grad(set_to_none=True)
+        opt.scaler.scale(d_loss).backward()
+        opt.scaler.step(opt.disc_optimizer)
+        disc_loss = d_loss.item()
+    opt.scaler.update()
+    return out, float(gan_weight), disc_loss
+
+
+def learning_rate(step: int, args: argparse.Namespace) -> float:
+    """Linear warmup, then cosine decay to `min_lr` at `max_steps`."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = min(1.0, (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
+    return args.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
+
+
+def build_model(args: argparse.Namespace, resume: dict | None) -> tuple[VQGAN, bool]:
+    """The model to train and whether its codebook is fresh (and so should start on encoder outputs)."""
+    if resume is not None:
+        model = VQGAN(VQGANConfig(**resume["config"]))
+        model.load_state_dict(resume["state_dict"])
+        return model, False
+    if args.init_from:
+        model = load_vqgan(args.init_from)  # architecture from the checkpoint; the size flags do not apply
+        return model.requires_grad_(True), False
+    torch.manual_seed(args.seed)
+    cfg = VQGANConfig(ch=args.ch, ch_mult=args.ch_mult, num_res_blocks=args.num_res_blocks,
+                      attn_levels=args.attn_levels, z_channels=args.z_channels, embed_dim=args.embed_dim,
+                      n_embed=args.n_embed)
+    return VQGAN(cfg), True
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Run training as `args` say; returns the final held-out metrics."""
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    command = shlex.join(["python", "-m", "vqgan.train", *sys.argv[1:]])
+    device = pick_device(args.device)
+    dtype = pick_dtype(device, args.dtype)
+    ckpt_path = out_dir / CKPT_FILE
+    resume = None
+    if args.resume:
+        if not ckpt_path.is_file():
+            raise TrainError(f"{ckpt_path}: nothing to resume (run without --resume to start)")
+        resume = load_checkpoint_file(ckpt_path)
+
+    model, fresh_codebook = build_model(args, resume)
+    model = model.to(device).train()
+    cfg = model.config
+    n_embed = cfg.n_embed
+    factor = cfg.downsample_factor
+    if args.image_size % factor:
+        raise TrainError(f"--image_size {args.image_size} is not a multiple of the downsampling factor {factor}")
+    optimizers = make_optimizers(model, args, device, dtype)
+    usage_counts = torch.zeros(n_embed, dtype=torch.long, device=device)
+    step, metrics = 0, {}
+    if resume is not None:
+        restore_training_state(resume, optimizers)
+        usage_counts = resume["usage_counts"].to(device)
+        step, metrics = resume["step"], resume.get("metrics", {})
+        print(f"resuming {ckpt_path} at step {step}", file=sys.stderr)
+
+    # Held-out images: --val_data, or else the first --val_images of --data, which training then skips.
+    val_sources = args.val_data or args.data
+    val_images, val_labels = load_held_out(val_sources, args.val_images, args.image_size, args.resize)
+    skip = frozenset() if args.val_data else frozenset(val_labels)
+    # Reseeded by step, so a resumed run does not replay the images it has already seen.
+    stream = ImageStream(args.data, args.image_size, args.resize, args.seed + step, args.shuffle_buffer, skip)
+    loader = torch.utils.data.DataLoader(stream, batch_size=args.batch_size, num_workers=args.num_workers,
+                                         collate_fn=np.stack, persistent_workers=args.num_workers > 0)
+    batches = iter(loader)
+    if fresh_codebook:
+        # Codes start on encoder outputs of real images, not at random points that no input is near.
+        first = _next_batch(batches, args)
+        with torch.no_grad(), autocast(device, dtype):
+            z = model.latents(images_to_tensor(first).to(device))
+        restart_dead_codes(model, torch.ones(n_embed, dtype=torch.bool, device=device), z, optimizers.model,
+                           optimizers.codebook_ema)
+        batches = itertools.chain([first], batches)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"vqgan f{factor}, {n_embed} codes, {params / 1e6:.2f} M parameters, {args.image_size} px -> "
+          f"{args.image_size // factor}x{args.image_size // factor} codes; {device}, {str(dtype)[6:]}; "
+          f"{len(val_images)} held-out images", file=sys.stderr)
+
+    def checkpoint() -> None:
+        save(out_dir, training_checkpoint(model, optimizers, step, usage_counts, metrics, args, command))
+
+    window_start = step
+    bar = Progress(args.max_steps - step, desc=f"vqgan train from step {step}", unit="step")
+    started = time.perf_counter()
+    try:
+        while step < args.max_steps:
+            x = images_to_tensor(_next_batch(batches, args)).to(device)
+            out, gan_weight, disc_loss = train_step(model, x, args, step, optimizers, device, dtype)
+            usage_counts += torch.bincount(out.codes.flatten(), minlength=n_embed)
+            step += 1
+            used = int((usage_counts > 0).sum())
+            if args.restart_every > 0 and step - window_start >= args.restart_every:
+                restarted = restart_dead_codes(model, usage_counts == 0, out.z, optimizers.model,
+                                               optimizers.codebook_ema)
+                if restarted:
+                    print(f"step {step}: restarted {restarted} unused codes", file=sys.stderr)
+                usage_counts.zero_()
+                window_start = step
+            bar.update(1, postfix=f"loss {out.loss.item():.4f} l1 {out.l1.item():.4f} ssim {out.ssim.item():.4f} "
+                       f"vq {out.codebook.item():.4f} gan {gan_weight:.3g}/{disc_loss:.3f} "
+                       f"codes {used}/{n_embed} {bar.rate * args.batch_size:.1f} img/s")
+            if step % args.eval_every == 0 or step == args.max_steps:
+                metrics = {**evaluate(model, val_images, args.batch_size), "step": step}
+                print(f"step {step}: held-out PSNR {metrics['psnr']:.2f} dB, codebook usage "
+                      f"{metrics['codes_used']}/{n_embed} ({100 * metrics['usage']:.1f}%), perplexity "
+                      f"{metrics['perplexity']:.1f}, {time.perf_counter() - started:.0f} s", file=sys.stderr)
+            if step % args.ckpt_every == 0 or step == args.max_steps:
+                checkpoint()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted at step {step}: saving {ckpt_path}; continue with --resume", file=sys.stderr)
+        checkpoint()
+        raise SystemExit(130) from None
+    finally:
+        bar.close()
+    if not metrics or metrics.get("step") != step:
+        metrics = {**evaluate(model, val_images, args.batch_size), "step": step}
+        checkpoint()
+    save_grid(model, val_images, out_dir / GRID_FILE)
+    print(f"done: {out_dir / EXPORT_FILE} (weights), {out_dir / CKPT_FILE} (training state), "
+          f"{out_dir / GRID_FILE}; held-out PSNR {metrics['psnr']:.2f} dB, codebook usage "
+          f"{metrics['codes_used']}/{n_embed}", file=sys.stderr)
+    return metrics
+
+
+def _next_batch(batches: Iterator[np.ndarray], args: argparse.Namespace) -> np.ndarray:
+    batch = next(batches, None)
+    if batch is None:  # the stream is endless unless it has no image at all
+        held_out = "" if args.val_data else f" after holding out the first {args.val_images} for evaluation"
+        raise TrainError(f"no training images left in {', '.join(args.data)}{held_out}")
+    return batch
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.replace(" ", "").split(",") if v)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The usage examples as written, and every flag's default."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m vqgan.train", description=__doc__, formatter_class=_HelpFormatter)
+    add = parser.add_argument
+    add("--data", nargs="+", required=True, help="training images: MUGE *.img.tsv files and/or image folders")
+    add("--val_data", nargs="*", default=None,
+        help="held-out images (same kinds); default: the first --val_images of --data, left out of training")
+    add("--val_images", type=int, default=256, help="held-out images to measure PSNR and codebook usage on")
+    add("--image_size", type=int, default=256, help="train on square images of this side (pixels)")
+    add("--resize", choices=RESIZE_MODES, default="pad",
+        help="fit images to the square as prepare.py does: pad keeps the whole product, crop the centre")
+    add("--out_dir", default="out/vqgan", help=f"writes {CKPT_FILE}, {EXPORT_FILE} and {GRID_FILE} here")
+    add("--init_from", default=None,
+        help="fine-tune this checkpoint (taming last.ckpt or ours); its architecture replaces the flags below")
+    add("--resume", action="store_true", help=f"continue the run saved in <out_dir>/{CKPT_FILE}")
+    arch = parser.add_argument_group("architecture (from scratch; defaults are taming's f16 with 1024 codes)")
+    arch.add_argument("--ch", type=int, default=128, help="channels of the first level (a multiple of 32)")
+    arch.add_argument("--ch_mult", type=_int_list, default=(1, 1, 2, 2, 4),
+                      help="channel multiplier per level, comma-separated; n levels downsample by 2**(n-1)")
+    arch.add_argument("--num_res_blocks", type=int, default=2, help="res blocks per encoder level")
+    arch.add_argument("--attn_levels", type=_int_list, default=(4,),
+                      help="levels with self-attention, comma-separated (\"\" for none; the middle always has it)")
+    arch.add_argument("--z_channels", type=int, default=256, help="channels of the encoder output")
+    arch.add_argument("--embed_dim", type=int, default=256, help="width of a codebook vector")
+    arch.add_argument("--n_embed", type=int, default=1024, help="codebook size (at most 65536: codes are uint16)")
+    opt = parser.add_argument_group("optimization")
+    opt.add_argument("--batch_size", type=int, default=8, help="images per step")
+    opt.add_argument("--max_steps", type=int, default=20000, help="total optimizer steps (resume counts on)")
+    opt.add_argument("--lr", type=float, default=1e-4, help="peak Adam learning rate (also the discriminator's)")
+    opt.add_argument("--min_lr", type=float, default=1e-5, help="learning rate at the end of the cosine decay")
+    opt.add_argument("--warmup_steps", type=int, default=200, help="linear learning-rate warmup")
+    opt.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (0.5, as is usual for GANs)")
+    opt.add_argument("--beta2", type=float, default=0.9, help="Adam beta2")
+    opt.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
+    loss = parser.add_argument_group("losses")
+    loss.add_argument("--l1_weight", type=float, default=1.0, help="weight of the pixel L1 loss")
+    loss.add_argument("--l2_weight", type=float, default=0.0,
+                      help="weight of the pixel squared error: large errors (a wrong colour) then weigh more, "
+                      "which speeds up training from scratch (e.g. 10)")
+    loss.add_argument("--ssim_weight", type=float, default=0.5, help="weight of the multi-scale 1 - SSIM loss")
+    loss.add_argument("--codebook_weight", type=float, default=1.0, help="weight of the codebook loss")
+    loss.add_argument("--commit_beta", type=float, default=0.25, help="weight of the commitment loss")
+    loss.add_argument("--codebook_ema", type=float, default=0.0,
+                      help="instead of the codebook loss, keep each code at a running mean of its latents with this "
+                      "decay (e.g. 0.99: much faster from scratch); 0: the codebook loss")
+    loss.add_argument("--disc_start", type=int, default=-1,
+                      help="step at which the patch discriminator starts (-1: never)")
+    loss.add_argument("--disc_weight", type=float, default=0.5, help="weight of the generator's GAN loss")
+    loss.add_argument("--disc_adaptive", action=argparse.BooleanOptionalAction, default=True,
+                      help="scale the GAN loss to the reconstruction loss's gradient at the last layer")
+    loss.add_argument("--disc_ch", type=int, default=64, help="discriminator width (a multiple of 8)")
+    loss.add_argument("--disc_layers", type=int, default=3, help="discriminator stride-2 layers")
+    loss.add_argument("--restart_every", type=int, default=200,
+                      help="every this many steps, codes unused since the last check move onto encoder outputs "
+                      "(0: never)")
+    run = parser.add_argument_group("running")
+    run.add_argument("--device", default=None, help="cuda, cpu, ... (default: the best available)")
+    run.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                     help="autocast precision (default: bfloat16 on GPUs that have it, float16 on others, fp32 on CPU)")
+    run.add_argument("--num_workers", type=int, default=0, help="image decoding processes (4-8 on a GPU machine)")
+    run.add_argument("--shuffle_buffer", type=int, default=1024, help="images held to shuffle the stream")
+    run.add_argument("--eval_every", type=int, default=1000, help="measure held-out PSNR and usage every ... steps")
+    run.add_argument("--ckpt_every", type=int, default=1000, help="save the checkpoints every ... steps")
+    run.add_argument("--seed", type=int, default=0, help="initialization and data order")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.n_embed > 65536:
+        raise TrainError(f"--n_embed {args.n_embed}: codes are stored as uint16, so at most 65536")
+    if args.ch % 32 or args.ch <= 0:
+        raise TrainError(f"--ch {args.ch}: must be a positive multiple of 32 (GroupNorm uses 32 groups)")
+    if not args.ch_mult or any(level >= len(args.ch_mult) for level in args.attn_levels):
+        raise TrainError(f"--attn_levels {args.attn_levels} must name levels of --ch_mult {args.ch_mult}")
+    if args.disc_ch % 8:
+        raise TrainError(f"--disc_ch {args.disc_ch}: must be a multiple of 8")
+    for name in ("batch_size", "max_steps", "val_images", "eval_every", "ckpt_every", "image_size"):
+        if getattr(args, name) <= 0:
+            raise TrainError(f"--{name} must be positive")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    try:
+        check_args(args)
+        return train(args)
+    except TrainError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
