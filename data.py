@@ -16,7 +16,6 @@ import os
 import struct
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -248,36 +247,3 @@ def image_from_base64(field: bytes, size: int, resize: str = "pad", max_pixels: 
     """A base64 image field -> uint8 [size, size, 3], exactly as prepare.py feeds the VQGAN; raises BadRowError."""
     image = fit_to_square(open_image(decode_base64(field), max_pixels), size, resize)
     return np.asarray(image, dtype=np.uint8)
-
-
-# --- files -----------------------------------------------------------------------------------------------------
-
-
-def write_atomic(path: str | os.PathLike, content: str | bytes) -> None:
-    """Replace `path` with `content` so that a reader (or a crash) sees the old file or the new, never half."""
-    path = Path(path)
-    data = content.encode("utf-8") if isinstance(content, str) else content
-    # Not mkstemp: its files are private (0600); this one gets the permissions the umask gives any new file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Make renames and new files in `path` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data import write_atomic
+from utils import write_atomic
 
 CATEGORIES = ("T恤", "连衣裙", "裤子", "手提包", "帽子", "运动鞋", "口红", "香水")
 # Titles write a colour as "<name>色"; the RGB values are far apart so that pixels can be told apart.

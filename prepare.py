@@ -37,14 +37,12 @@ from data import (
     RESIZE_MODES,
     BadRowError,
     TsvRow,
-    fsync_dir,
     image_from_base64,
     read_text_tsv,
     read_tsv,
-    write_atomic,
 )
 from text import VOCAB_FILE, build_char_vocab, has_text, load_tokenizer, read_vocab, tokenize_captions, write_vocab
-from utils import Progress, pick_device
+from utils import Progress, fsync_dir, pick_device, write_atomic
 from vqgan import images_to_tensor, load_vqgan
 
 TRAIN_FILES = ("T2I_train.img.tsv", "T2I_train.text.tsv")

@@ -21,7 +21,7 @@ import numpy as np
 from tokenizers import normalizers, pre_tokenizers
 from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerBase
 
-from data import write_atomic
+from utils import write_atomic
 
 VOCAB_FILE = "vocab.txt"
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # [PAD] first: id 0 is padding everywhere

@@ -1,12 +1,14 @@
-"""Small helpers shared by the scripts: device and precision choice, stderr progress."""
+"""Small helpers shared by the scripts: device and precision choice, atomic files, stderr progress."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from pathlib import Path
+from typing import BinaryIO, TypeVar
 
 import torch
 
@@ -38,6 +40,46 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file whose contents replace `path` when the block ends without error.
+
+    Readers, and a crash at any moment, see the old file or the new one, never half of either.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Not mkstemp: its files are private (0600); this one gets the permissions the umask gives any new file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_atomic(path: str | os.PathLike, content: str | bytes) -> None:
+    """Replace `path` with `content` (text is written as UTF-8), atomically."""
+    with atomic_write(path) as f:
+        f.write(content.encode("utf-8") if isinstance(content, str) else content)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make renames and new files in `path` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class Progress:

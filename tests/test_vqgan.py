@@ -282,6 +282,14 @@ def test_atomic_save_replaces_and_leaves_no_temporary_files(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 
 
+def test_atomic_save_gives_the_usual_file_permissions(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint_atomic({"step": 1}, path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
     path = tmp_path / "ckpt.pt"
     save_checkpoint_atomic({"step": 1}, path)

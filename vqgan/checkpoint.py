@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 import types
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from utils import atomic_write
 
 from .model import VQGAN, VQGANConfig
 
@@ -112,25 +113,9 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: str | torch.devi
 
 
 def save_checkpoint_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save that never leaves a half-written file: write beside, fsync, then rename over."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # The rename itself is durable only once the directory entry is on disk.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """torch.save that never leaves a half-written file: a crash keeps the previous checkpoint whole."""
+    with atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 _MODEL_PREFIXES = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
