@@ -2,6 +2,7 @@
 
     python prepare.py --data_dir dataset/ECommerce-T2I --vqgan_ckpt vqgan_imagenet_f16_1024/last.ckpt \\
         --out_dir data/muge
+    python prepare.py    # the embedded demo: demo.py's products -> data/demo_src -> data/demo
 
 The image TSV is streamed (memory does not grow with its size) and joined to the captions by img_id. Bad rows
 are skipped and listed in rejects.tsv; a run that is stopped (Ctrl-C, kill -9, power loss) continues where its
@@ -31,6 +32,7 @@ import tokenizers
 import torch
 import transformers
 
+import demo
 from data import (
     LINE_ERRORS,
     MAX_IMAGE_PIXELS,
@@ -57,6 +59,14 @@ DEFAULT_VAL_FRACTION = 0.05
 COMMIT_EVERY_SECONDS = 1.0
 # For the resume tests: write this many batches, then stop before committing the last one and wait to be killed.
 STALL_ENV = "NANOT2I_PREPARE_STALL_AFTER"
+
+
+# `python prepare.py` alone prepares the demo: synthetic products and the small VQGAN in assets/, which was
+# trained at 64 px. Demo titles are at most 28 tokens long.
+DEMO_SOURCE = Path("data/demo_src")
+DEMO_IMAGE_SIZE = 64
+DEMO_ARGS = ["--data_dir", str(DEMO_SOURCE), "--vqgan_ckpt", "assets/vqgan_demo.pt", "--out_dir", "data/demo",
+             "--image_size", str(DEMO_IMAGE_SIZE), "--text_len", "32"]
 
 
 class PrepareError(Exception):
@@ -749,13 +759,19 @@ def peak_memory_mb() -> tuple[float, float]:
     return own, children
 
 
+def write_demo_source() -> None:
+    """Write the demo's MUGE-format TSVs once; they are deterministic, so existing ones are kept."""
+    if not all((DEMO_SOURCE / name).is_file() for name in (*TRAIN_FILES, *VAL_FILES, TEST_FILE)):
+        print(f"prepare.py: writing the demo products to {DEMO_SOURCE}", file=sys.stderr)
+        demo.write_dataset(DEMO_SOURCE, image_size=DEMO_IMAGE_SIZE)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
     if not argv:
-        parser.print_help()
-        return 0
-    args = parser.parse_args(argv)
+        write_demo_source()
+        argv = DEMO_ARGS
+    args = build_parser().parse_args(argv)
     command = shlex.join(["python", "prepare.py", *argv])
     try:
         prepare(args, command)

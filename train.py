@@ -39,13 +39,14 @@ from vqgan import CheckpointError, load_checkpoint_file, save_checkpoint_atomic
 
 @dataclass
 class TrainConfig:
+    # The defaults train the embedded demo on a CPU in minutes; config/ holds the recipes for real data.
     # data and output
     data_dir: str = setting("data/demo", "prepare.py output dir with meta.json")
     out_dir: str = setting("out", "where ckpt.pt is written")
     init_from: str = setting("scratch", "scratch, or resume from <out_dir>/ckpt.pt")
     # schedule
     max_iters: int = setting(1000, "optimizer steps in total")
-    batch_size: int = setting(8, "images per micro-batch on each process")
+    batch_size: int = setting(32, "images per micro-batch on each process")
     gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step")
     learning_rate: float = setting(1e-3, "peak learning rate")
     min_lr: float = setting(1e-4, "learning rate at the end of the cosine decay")
@@ -56,7 +57,7 @@ class TrainConfig:
     beta2: float = setting(0.95, "AdamW beta2")
     grad_clip: float = setting(1.0, "clip the gradient norm to this (0: off)")
     # evaluation, checkpoints and logging
-    eval_interval: int = setting(200, "steps between val loss and checkpoint")
+    eval_interval: int = setting(250, "steps between val loss and checkpoint")
     eval_iters: int = setting(20, "batches per loss estimate")
     log_interval: int = setting(10, "steps between log lines")
     always_save_checkpoint: bool = setting(True, "save at every eval, not only when val loss improves")

@@ -195,10 +195,30 @@ def test_unusable_images_raise_bad_row(data, max_pixels, reason):
 # --- prepare.py -------------------------------------------------------------------------------------------------
 
 
-def test_no_arguments_prints_usage(capsys):
-    assert prepare.main([]) == 0
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        prepare.main(["--help"])
+    assert e.value.code == 0
     out = capsys.readouterr().out
     assert "usage: prepare.py" in out and "--val_fraction" in out
+
+
+def test_no_arguments_prepares_the_demo(tmp_path, monkeypatch):
+    # Shrink the demo so the whole default path runs in a moment; everything else is the real thing.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "assets").symlink_to(ROOT / "assets")
+    real_write = prepare.demo.write_dataset
+    monkeypatch.setattr(prepare.demo, "write_dataset", lambda out, image_size: real_write(
+        out, n_train=24, n_val=8, n_test=4, image_size=image_size))
+    assert prepare.main([]) == 0
+    meta = json.loads((tmp_path / "data/demo/meta.json").read_text())
+    assert meta["image_size"] == 64 and meta["code_grid"] == [8, 8] and meta["text_len"] == 32
+    assert meta["splits"]["train"]["rows"] == 24 and meta["splits"]["val"]["rows"] == 8
+    assert meta["test_prompts"].endswith("data/demo_src/T2I_test.text.tsv")
+    # Run again: the source is kept and the finished prepare is a no-op.
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("*") if p.is_file()}
+    assert prepare.main([]) == 0
+    assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("*") if p.is_file()}
 
 
 def test_bad_rows_are_skipped_and_listed(tmp_path, capsys, vqgan_ckpt):
