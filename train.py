@@ -45,7 +45,7 @@ class TrainConfig:
     out_dir: str = setting("out", "where ckpt.pt is written")
     init_from: str = setting("scratch", "scratch, or resume from <out_dir>/ckpt.pt")
     # schedule
-    max_iters: int = setting(1000, "optimizer steps in total")
+    max_iters: int = setting(1200, "optimizer steps in total")
     batch_size: int = setting(32, "images per micro-batch on each process")
     gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step")
     learning_rate: float = setting(1e-3, "peak learning rate")

@@ -25,6 +25,15 @@ requires_fixtures = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Test models are tiny: a second thread only adds contention, badly so when the machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --- a tiny VQGAN and MUGE-format inputs, shared by the prepare, generate and pipeline tests ------------------
 
 TINY_F4_SIZE = 32  # the tiny VQGAN below is f4: 32x32 images -> 8x8 codes

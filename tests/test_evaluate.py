@@ -22,16 +22,6 @@ import train
 from model import GPT, GPTConfig, load_model
 from vqgan import save_checkpoint_atomic
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second thread only adds contention when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --- Fréchet distance ------------------------------------------------------------------------------------------
 
 

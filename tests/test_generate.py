@@ -11,7 +11,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 from conftest import ROOT, TINY_F4_SIZE, good_rows, write_dataset, write_lines
 from PIL import Image
 
@@ -22,16 +21,6 @@ from generate import GenerateError
 from model import load_model
 from text import load_tokenizer
 from vqgan import load_checkpoint_file, load_vqgan, save_checkpoint_atomic
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second thread only adds contention when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 TEXT_LEN = 16
 # Test prompts as MUGE ships them: hex-like ids, not sorted, so that order is checked for real.

@@ -17,16 +17,6 @@ from model import (
 )
 from vqgan import CheckpointError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second thread only adds contention when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # A non-square grid catches row/column mix-ups; captions shorter than text_len are allowed.
 TINY = dict(codebook_size=32, grid_rows=3, grid_cols=4, n_layer=2, n_head=2, n_embd=32, text_len=6,
             text_vocab_size=20, text_n_layer=1, text_n_head=2, text_n_embd=16)

@@ -17,16 +17,6 @@ from conftest import ROOT
 import train
 from model import GPTConfig, load_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second thread only adds contention when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TINY = str(ROOT / "config" / "tiny_cpu.py")
 CODEBOOK, GRID, TEXT_LEN, VOCAB = 32, 4, 8, 20
 
