@@ -1,9 +1,9 @@
 """Train the text-conditioned GPT on prepare.py's memmaps.
 
     python train.py                                        # the demo: data/demo -> out/ckpt.pt
-    python train.py config/muge_16gb.py --data_dir data/muge --batch_size 8
-    python train.py config/muge_16gb.py --data_dir data/muge --init_from resume
-    torchrun --standalone --nproc_per_node 4 train.py config/muge_16gb.py --data_dir data/muge
+    python train.py config/muge_16gb.py --batch_size 8
+    python train.py config/muge_16gb.py --init_from resume
+    torchrun --standalone --nproc_per_node 4 train.py config/muge_16gb.py
 
 Config files are Python files of `name = value` lines, applied in order; flags given on the command line
 override them. Settings read from the data dir's meta.json (codebook size, code grid, caption length,

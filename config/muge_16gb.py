@@ -1,5 +1,5 @@
-# MUGE ECommerce-T2I on one 16 GB GPU (RTX 4070 Ti SUPER class):
-#   python train.py config/muge_16gb.py --data_dir data/muge
+# MUGE ECommerce-T2I on one 16 GB GPU (RTX 4070 Ti SUPER class), after `prepare.py --out_dir data/muge`:
+#   python train.py config/muge_16gb.py
 # The codebook, code grid (16x16 = 256 codes), caption length (64) and tokenizer come from meta.json.
 #
 # Size: 20 blocks x 1024 wide, 16 heads; with a 16384 codebook 385M parameters (353M with 1024 codes),
@@ -15,6 +15,7 @@
 # Time: 518 GFLOP per image (model.flops_per_sample), 4.7e16 FLOP per epoch. The card's dense bf16 peak is
 # ~88 TFLOP/s (see model.PEAK_BF16_FLOPS); at an assumed 30-40% MFU an epoch takes ~22-29 minutes, and the
 # 60k steps below (~21 epochs) ~8-10 hours.
+data_dir = "data/muge"
 n_layer = 20
 n_head = 16
 n_embd = 1024
