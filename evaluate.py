@@ -40,9 +40,9 @@ import demo
 import generate
 from data import MAX_IMAGE_PIXELS, BadRowError, image_from_base64, read_text_tsv, read_tsv
 from model import GPT
-from prepare import TRAIN_FILES, VAL_FILES, _chunks
+from prepare import TRAIN_FILES, VAL_FILES
 from train import TrainError, check_ids, meta_model_settings, open_split, read_meta
-from utils import autocast, pick_device, pick_dtype, progress
+from utils import autocast, batched, pick_device, pick_dtype, progress
 from vqgan import VQGAN, CheckpointError, images_to_tensor, load_checkpoint_file, load_vqgan, tensor_to_images
 from vqgan.train import psnr
 
@@ -141,7 +141,7 @@ def extract_features(pictures: Iterable[np.ndarray], extractor: Extractor, devic
                      ) -> tuple[np.ndarray, np.ndarray]:
     """Features and logits of every picture, in order, `batch_size` pictures per call of the extractor."""
     features, logits = [], []
-    for chunk in _chunks(iter(pictures), batch_size):
+    for chunk in batched(iter(pictures), batch_size):
         batch_features, batch_logits = features_of_batch(extractor, np.stack(chunk), device)
         features.append(batch_features)
         logits.append(batch_logits)
@@ -350,7 +350,7 @@ def build_matcher(image_size: int, vq: VQGAN | None, device: torch.device, batch
     ceiling: dict[str, Any] = {"renders": attribute_accuracy(pictures, products, matcher), "round_trip": None}
     if vq is not None:
         round_trip = np.concatenate([reconstruct(vq, np.stack(chunk), device)
-                                     for chunk in _chunks(iter(pictures), batch_size)])
+                                     for chunk in batched(iter(pictures), batch_size)])
         ceiling["round_trip"] = attribute_accuracy(list(round_trip), products, matcher)
     return matcher, ceiling
 
@@ -674,7 +674,7 @@ def score_real(src: Sources, extractor: Extractor | None, device: torch.device, 
     scored = Scored()
     grid = tuple(src.meta["code_grid"])
     pairs = real_pictures(src.split, src.meta, report)
-    for chunk in _chunks(progress(pairs, len(src.split.ids), "real pictures", "img"), batch_size):
+    for chunk in batched(progress(pairs, len(src.split.ids), "real pictures", "img"), batch_size):
         pictures = scored.add(chunk, extractor, device, grid_rows)
         if src.vq is not None:
             # The codes prepare.py stored are the encoding of these very pictures: decoding them is the round trip.
@@ -688,7 +688,7 @@ def score_real(src: Sources, extractor: Extractor | None, device: torch.device, 
 def score_generated(scored: Scored, stream: Iterable[tuple[int, np.ndarray]], total: int,
                     extractor: Extractor | None, device: torch.device, batch_size: int, grid_rows: set[int],
                     captions: list[str]) -> None:
-    for chunk in _chunks(progress(stream, total, "generated pictures", "img"), batch_size):
+    for chunk in batched(progress(stream, total, "generated pictures", "img"), batch_size):
         scored.add(chunk, extractor, device, grid_rows)
         if scored.attributes is not None:
             for row, picture in chunk:
@@ -755,7 +755,7 @@ def write_pairs_grid(args: argparse.Namespace, split: ValSplit, captions: list[s
             data = generate.encode_picture(picture, None, "png", 95)
             entries.append((f"{label} {split.ids[row]}", captions[row] if captions else "", data))
     if entries:
-        generate._write_grid(args, entries)
+        generate.write_grid(args, entries)
     else:
         print(f"evaluate: no pair of real and generated pictures to show in {args.grid}", file=sys.stderr)
 

@@ -643,7 +643,7 @@ def _run(args: argparse.Namespace, out: BinaryIO, pool: multiprocessing.pool.Poo
         "warnings": dict(report.counts),
     }
     if args.grid:
-        _write_grid(args, writer.grid_entries)
+        write_grid(args, writer.grid_entries)
     print_summary(summary)
     return summary
 
@@ -725,7 +725,8 @@ def _refuse_same_file(resume_from: str, out: BinaryIO) -> None:
                             f"e.g. `python generate.py --resume_from {resume_from} > full.tsv`")
 
 
-def _write_grid(args: argparse.Namespace, entries: list[tuple[str, str, bytes]]) -> None:
+def write_grid(args: argparse.Namespace, entries: list[tuple[str, str, bytes]]) -> None:
+    """Draw the contact sheet `--grid` asks for, with a CJK font when the system has one."""
     font = args.grid_font or find_cjk_font()
     if font is None:
         print("generate: no font with Chinese glyphs found (install fonts-noto-cjk or fonts-wqy-microhei, or pass "

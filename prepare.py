@@ -44,7 +44,7 @@ from data import (
     read_tsv,
 )
 from text import VOCAB_FILE, build_char_vocab, has_text, load_tokenizer, read_vocab, tokenize_captions, write_vocab
-from utils import Progress, fsync_dir, pick_device, write_atomic
+from utils import Progress, batched, fsync_dir, pick_device, write_atomic
 from vqgan import images_to_tensor, load_vqgan
 
 TRAIN_FILES = ("T2I_train.img.tsv", "T2I_train.text.tsv")
@@ -325,23 +325,12 @@ def decode_in_order(
             yield item, pixels, item.error or error
 
     pending: deque = deque()
-    for chunk in _chunks(items, chunk_rows):
+    for chunk in batched(items, chunk_rows):
         pending.append((chunk, submit(chunk)))
         while len(pending) >= max_chunks:
             yield from finish(*pending.popleft())
     while pending:
         yield from finish(*pending.popleft())
-
-
-def _chunks(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
-    chunk: list[Item] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 # --- outputs and the resumable state ---------------------------------------------------------------------------

@@ -381,7 +381,12 @@ def train(tc: TrainConfig, given: dict[str, Any]) -> dict[str, Any]:
             print(message, file=sys.stderr, flush=True)
 
     try:
-        return _train(tc, given, device, rank, world_size, log)
+        summary = _train(tc, given, device, rank, world_size, log)
+        if distributed:
+            # The first process may still be writing the checkpoint; a peer that tears its group down
+            # before then aborts gloo's background threads (SIGABRT) and fails the whole run.
+            dist.barrier()
+        return summary
     except torch.cuda.OutOfMemoryError:
         raise TrainError(
             f"out of GPU memory at batch_size {tc.batch_size} on {device}: lower --batch_size (and raise "

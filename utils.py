@@ -138,6 +138,18 @@ def progress(items: Iterable[T], total: int | None = None, desc: str = "", unit:
             bar.update()
 
 
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Lists of `size` consecutive items (the last may be shorter); itertools.batched needs Python 3.12."""
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def _clock(seconds: float) -> str:
     minutes, seconds = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
