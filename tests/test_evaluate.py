@@ -284,6 +284,46 @@ def test_weights_of_another_network_are_refused(monkeypatch, tmp_path):
         evaluate.load_inception(str(weights), torch.device("cpu"))
 
 
+def real_pytorch_fid_inception():
+    try:
+        import pytorch_fid.inception
+    except Exception:  # absent, or a torchvision built for another torch
+        return None
+    return pytorch_fid.inception
+
+
+@pytest.mark.skipif(real_pytorch_fid_inception() is None,
+                    reason="pytorch-fid is not installed here, or its torchvision does not import beside this torch")
+def test_features_equal_pytorch_fids_own_network(monkeypatch, tmp_path):
+    # The FID architecture with random weights (the real ones cannot be downloaded in tests), read back by
+    # load_inception from a file and by pytorch-fid's InceptionV3 wrapper, which takes pictures in [0, 1].
+    fid_inception = real_pytorch_fid_inception()
+    torch.manual_seed(0)
+    weights = tmp_path / evaluate.FID_WEIGHTS_FILE
+    monkeypatch.setattr(fid_inception, "load_state_dict_from_url", lambda *args, **kwargs: None)
+    monkeypatch.setattr(torch.nn.Module, "load_state_dict", lambda self, state, *args, **kwargs: None)
+    network = fid_inception.fid_inception_v3()
+    monkeypatch.undo()
+    # Default initialisation shrinks the features to ~1e-7, where any input gives about the same ones: set the
+    # batch norms' statistics from a batch so that the features are O(1) and follow the input.
+    for module in network.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None
+    with torch.no_grad():
+        network.train()(torch.rand(4, 3, 299, 299) * 2 - 1)
+    save_checkpoint_atomic(network.state_dict(), weights)
+    extractor = evaluate.load_inception(str(weights), torch.device("cpu"))
+    monkeypatch.setattr(fid_inception, "load_state_dict_from_url",
+                        lambda *args, **kwargs: torch.load(weights, weights_only=True))
+    reference = fid_inception.InceptionV3([fid_inception.InceptionV3.DEFAULT_BLOCK_INDEX]).eval()
+    pictures = np.random.default_rng(0).integers(0, 256, size=(2, 64, 64, 3), dtype=np.uint8)
+    features, _ = evaluate.features_of_batch(extractor, pictures, torch.device("cpu"))
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(pictures).permute(0, 3, 1, 2).float() / 255)[0].flatten(1)
+    assert np.abs(expected.numpy()).max() > 0.1
+    np.testing.assert_allclose(features, expected.double().numpy(), rtol=1e-4, atol=1e-5)
+
+
 # --- the demo's attribute scorer -----------------------------------------------------------------------------
 
 
