@@ -2,7 +2,8 @@
 # Both create .venv on first use; nothing needs to be installed by hand.
 PYTHON ?= python3
 VENV ?= .venv
-# Pinned so every machine tests the same build; on a CUDA machine pip picks the CUDA wheel.
+# Pinned so every machine tests the same build; on a CUDA machine pip picks the CUDA wheel. Unquoted, so that
+# TORCH can carry pip options such as --index-url.
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -11,7 +12,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check "$(TORCH)"
+	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH)
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
@@ -21,10 +22,11 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# prepare.py, train.py and generate.py with no arguments run the embedded demo (see README).
+# prepare.py, train.py and generate.py with no arguments run the embedded demo (see README). A second
+# `make demo` resumes training (a no-op once it has finished) instead of refusing to replace out/ckpt.pt.
 demo: $(STAMP)
 	$(BIN)/python prepare.py
-	$(BIN)/python train.py
+	$(BIN)/python train.py $(if $(wildcard out/ckpt.pt),--init_from resume)
 	$(BIN)/python generate.py --grid preview.png > T2I_test.tsv
 	$(BIN)/python evaluate.py --demo > demo_scores.json
 

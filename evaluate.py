@@ -38,9 +38,9 @@ from PIL import Image, ImageFilter
 
 import demo
 import generate
-from data import MAX_IMAGE_PIXELS, BadRowError, image_from_base64, read_text_tsv, read_tsv
+from data import MAX_IMAGE_PIXELS, BadRowError, image_from_base64, read_tsv
 from model import GPT
-from prepare import TRAIN_FILES, VAL_FILES
+from prepare import TRAIN_FILES, VAL_FILES, read_captions
 from train import TrainError, check_ids, meta_model_settings, open_split, read_meta
 from utils import autocast, batched, pick_device, pick_dtype, progress
 from vqgan import VQGAN, CheckpointError, images_to_tensor, load_checkpoint_file, load_vqgan, tensor_to_images
@@ -396,9 +396,9 @@ def open_val_split(data_dir: str, meta: dict, source_dir: str | None, max_images
 
 
 def val_captions(split: ValSplit) -> list[str]:
-    wanted = set(split.ids)
-    captions = {row.img_id: row.caption for row in read_text_tsv(split.text_tsv)
-                if row.error is None and row.img_id in wanted}
+    # prepare.py's own reading of the file, so that a repeated img_id gives the caption it stored: the first
+    captions = {img_id: entry.caption for img_id, entry in read_captions(split.text_tsv)[0].items()
+                if entry.error is None}
     missing = [img_id for img_id in split.ids if img_id not in captions]
     if missing:
         raise EvaluateError(f"{split.text_tsv} has no caption for {len(missing)} val img_id(s), e.g. {missing[0]}: "

@@ -175,14 +175,14 @@ def held_out(img_id: str, fraction: float) -> bool:
     return int.from_bytes(digest, "big") / 2.0**64 < fraction
 
 
-def read_captions(source: Source) -> tuple[dict[str, Caption], list[tuple[int, str, BadRowError]]]:
+def read_captions(text_path: Path) -> tuple[dict[str, Caption], list[tuple[int, str, BadRowError]]]:
     """All caption rows by img_id (first occurrence wins), and the rejected text rows in file order.
 
     Captions are a few MB even for MUGE's 90k rows, so they are held in memory while the image file streams.
     """
     captions: dict[str, Caption] = {}
     rejects: list[tuple[int, str, BadRowError]] = []
-    for row in read_text_tsv(source.text_path):
+    for row in read_text_tsv(text_path):
         if row.error is not None and row.error.reason in LINE_ERRORS:
             rejects.append((row.line_no, row.img_id, row.error))
             continue
@@ -237,8 +237,13 @@ def plan_rows(
     val_fraction: float,
     start_offset: int,
     start_line: int,
+    kept_earlier: frozenset[str] = frozenset(),
 ) -> Iterator[Item]:
-    """Read image rows and decide from the ids alone what can be rejected before decoding."""
+    """Read image rows and decide from the ids alone what can be rejected before decoding.
+
+    `kept_earlier` holds the img_ids that earlier sources put in the outputs: a val file that repeats one of them
+    would score pictures the model trained on.
+    """
     text_name = source.text_path.name
     for row in read_tsv(source.img_path, start_offset, start_line):
         if row.error is not None:
@@ -249,7 +254,11 @@ def plan_rows(
             yield _rejected(row, BadRowError("duplicate img_id", f"first at line {first}"))
             continue
         entry = captions.pop(row.img_id, None)
-        if entry is None:
+        if row.img_id in kept_earlier:
+            error = BadRowError("duplicate img_id", "already kept from the training files")
+            text_line = entry.line_no if entry is not None and entry.error is None else 0  # else already rejected
+            yield Item(row.line_no, row.end_offset, row.img_id, None, "", "", text_line, error)
+        elif entry is None:
             yield _rejected(row, BadRowError("no caption row", f"img_id not in {text_name}"))
         elif entry.error is not None:
             reason = f"{text_name} line {entry.line_no}: {entry.error.reason}"
@@ -459,7 +468,9 @@ class Run:
                 self.reject(text_name, line_no, img_id, error)
             self.commit(started=True, offset=0, line=0)
         size = max(1, source.img_path.stat().st_size)
-        items = plan_rows(source, captions, seen, self.args.val_fraction, state.offset, state.line)
+        # Earlier sources are committed in full before a later one starts, so their id files are complete here.
+        kept_earlier = frozenset(self.kept_ids("train")) if index > 0 else frozenset()
+        items = plan_rows(source, captions, seen, self.args.val_fraction, state.offset, state.line, kept_earlier)
         batch: list[tuple[Item, np.ndarray]] = []
         for item, pixels, error in decode_in_order(items, pool, self.args):
             if error is not None:
@@ -482,6 +493,9 @@ class Run:
             if entry.error is None:
                 self.reject(text_name, entry.line_no, img_id, BadRowError("no image row", f"img_id not in {img_name}"))
         self.commit(source=index + 1, started=False, offset=0, line=0)
+
+    def kept_ids(self, split: str) -> list[str]:
+        return (self.out_dir / f"{split}.ids.txt").read_text(encoding="utf-8").splitlines()
 
     def write_batch(self, batch: list[tuple[Item, np.ndarray]], vq, tokenizer) -> None:
         pixels = np.stack([p for _, p in batch])
@@ -588,7 +602,7 @@ def run(args, out_dir: Path, state: State, sources, test_prompts, pool, command:
     if vq.codebook_size > 65536:
         raise PrepareError(f"{args.vqgan_ckpt}: {vq.codebook_size} codes do not fit in uint16")
 
-    first_captions, first_rejects = read_captions(sources[0])
+    first_captions, first_rejects = read_captions(sources[0].text_path)
     tokenizer_spec = state.settings["tokenizer"]
     if tokenizer_spec == VOCAB_FILE:
         write_or_check_vocab(
@@ -601,7 +615,7 @@ def run(args, out_dir: Path, state: State, sources, test_prompts, pool, command:
         for index, source in enumerate(sources):
             if index < state.source:
                 continue
-            captions, text_rejects = (first_captions, first_rejects) if index == 0 else read_captions(source)
+            captions, text_rejects = (first_captions, first_rejects) if index == 0 else read_captions(source.text_path)
             job.encode_source(index, source, captions, text_rejects, pool, vq, tokenizer)
     finally:
         job.bar.close()

@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_config_file(path: str) -> dict[str, Any]:
-    """The `name = value` settings of a recipe file; unknown names are errors naming the file and line."""
+    """The settings a recipe file assigns; unknown names are errors naming the file and line."""
     try:
         source = Path(path).read_text()
     except OSError as e:
@@ -140,8 +140,11 @@ def read_config_file(path: str) -> dict[str, Any]:
         line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if f.filename == path), "?")
         raise TrainError(f"{path}:{line}: {type(e).__name__}: {e}") from None
     known = _settings()
-    lines = {t.id: node.lineno for node in tree.body if isinstance(node, ast.Assign)
-             for t in node.targets if isinstance(t, ast.Name)}
+    # Every name the recipe assigns, in any form (`a = 1`, `a: int = 1`, `a, b = 1, 2`, inside an `if`), is a setting.
+    lines: dict[str, int] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            lines[node.id] = min(node.lineno, lines.get(node.id, node.lineno))
     values = {}
     for name, value in namespace.items():
         if name.startswith("_") or name not in lines:
@@ -436,8 +439,12 @@ def _train(tc: TrainConfig, given: dict[str, Any], device: torch.device, rank: i
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    meta, splits = load_data(tc, log)
     ckpt_path = Path(tc.out_dir) / "ckpt.pt"
+    if tc.init_from == "scratch" and ckpt_path.exists():
+        # A new run would replace it at its first evaluation: hours of training lost to a re-run command.
+        raise TrainError(f"{ckpt_path} exists: --init_from resume continues that run; to start a new one, move it "
+                         "away or pick another --out_dir")
+    meta, splits = load_data(tc, log)
     ckpt = load_resume_checkpoint(ckpt_path, meta, tc.data_dir) if tc.init_from == "resume" else None
 
     # The same seed on every process builds the same initial model; the training randomness then differs.
@@ -449,8 +456,6 @@ def _train(tc: TrainConfig, given: dict[str, Any], device: torch.device, rank: i
         raise TrainError(str(e)) from None
     if ckpt is not None:
         raw_model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
-    elif ckpt_path.exists():
-        log(f"note: {ckpt_path} exists and will be overwritten by this new run (--init_from resume continues it)")
     raw_model.to(device)
     for split in ("train", "val"):
         check_ids(tc.data_dir, split, splits[split], model_config.codebook_size,

@@ -1,5 +1,6 @@
 import base64
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -483,7 +484,7 @@ def write_generated(path: Path, rows: list[tuple[str, np.ndarray]]) -> Path:
 def test_generated_tsv_of_the_real_pictures_scores_the_demo_ceiling(demo_run, no_pytorch_fid, tmp_path):
     """Scoring the val pictures themselves gives about the matcher's own accuracy on renders."""
     ids = (demo_run / "data" / "val.ids.txt").read_text().split()
-    captions = {row.img_id: row.caption for row in evaluate.read_text_tsv(demo_run / "source" / "T2I_val.text.tsv")}
+    captions = prepare.read_captions(demo_run / "source" / "T2I_val.text.tsv")[0]
     rows = demo.make_split("val", 10, TINY_F4_SIZE, seed=5)
     by_id = {img_id: np.asarray(image) for img_id, _, image, _ in rows}
     generated = write_generated(tmp_path / "generated.tsv", [(i, by_id[i]) for i in reversed(ids)])
@@ -495,6 +496,16 @@ def test_generated_tsv_of_the_real_pictures_scores_the_demo_ceiling(demo_run, no
     assert result["demo"]["colour_accuracy"] >= 0.8 and result["demo"]["category_accuracy"] >= 0.8
     assert result["warnings"] == {"not a val img_id being scored": 1, "skipped line": 1}
     assert set(captions) >= set(ids)
+
+
+def test_val_captions_are_the_ones_prepare_stored(tmp_path):
+    # prepare.py keeps the first row of a repeated img_id and rejects the rest: score against that caption
+    text = tmp_path / "T2I_val.text.tsv"
+    text.write_text("a\t红色T恤\nb\t\nb\t蓝色帽子\na\t绿色裤子\n", encoding="utf-8")
+    split = evaluate.ValSplit(["a"], np.zeros((1, 4)), np.zeros((1, 8)), tmp_path / "T2I_val.img.tsv", text)
+    assert evaluate.val_captions(split) == ["红色T恤"]
+    with pytest.raises(evaluate.EvaluateError, match="no caption for 1 val img_id"):
+        evaluate.val_captions(dataclasses.replace(split, ids=["a", "b"]))  # b's first row was empty: rejected
 
 
 def test_hash_split_reads_the_held_out_training_rows(tmp_path, vqgan_ckpt, no_pytorch_fid):

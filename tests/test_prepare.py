@@ -353,12 +353,16 @@ def test_meta_json_follows_the_data_contract(tmp_path, capsys, vqgan_ckpt):
 
 
 def test_val_files_are_the_val_split(tmp_path, capsys, vqgan_ckpt):
-    data_dir = write_dataset(tmp_path / "muge", good_rows(5))
-    write_dataset(data_dir, good_rows(3, prefix="v", seed=50), split="val")
+    train_rows = good_rows(5)
+    data_dir = write_dataset(tmp_path / "muge", train_rows)
+    # A training row repeated in the val files stays out of val: val scores must not see trained-on pictures.
+    write_dataset(data_dir, [*good_rows(3, prefix="v", seed=50), train_rows[1]], split="val")
     rc, err = run_prepare(capsys, data_dir, tmp_path / "out", vqgan_ckpt, "--val_fraction", "0.5")
     assert rc == 0 and "--val_fraction ignored" in err
     assert read_split(tmp_path / "out", "val")[0] == ["v0", "v1", "v2"]
     assert read_split(tmp_path / "out", "train")[0] == [f"id{i}" for i in range(5)]
+    assert read_rejects(tmp_path / "out") == [("T2I_val.img.tsv", 4, "id1", "duplicate img_id"),
+                                              ("T2I_val.text.tsv", 1, "id1", "image rejected")]
 
 
 def test_hash_split_is_deterministic_and_unsalted():

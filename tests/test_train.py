@@ -74,6 +74,13 @@ def test_flags_in_both_forms_and_over_config_files(tmp_path):
     assert (tc.batch_size, tc.learning_rate, tc.compile) == (4, 1, True)
     assert model_settings == {"n_layer": 5, "bias": False}
     assert train.parse_args([])[0] == train.TrainConfig()  # no arguments: the demo defaults
+    # every form of assignment sets a setting, and a typo in any of them is caught
+    recipe.write_text("import math\nbatch_size: int = 8\nlearning_rate, min_lr = 5e-4, 5e-5\n"
+                      "if math.pi > 3:\n    max_iters = 7\n")
+    tc = train.parse_args([str(recipe)])[0]
+    assert (tc.batch_size, tc.learning_rate, tc.min_lr, tc.max_iters) == (8, 5e-4, 5e-5, 7)
+    recipe.write_text("if True:\n    max_iter = 7\n")
+    assert f"{recipe}:2: unknown setting 'max_iter'" in error_of([str(recipe)])
 
 
 def test_help_documents_every_setting():
@@ -203,6 +210,15 @@ def test_resume_on_data_with_another_codebook(data_dir, tmp_path):
     other = write_data(tmp_path / "other", codebook_size=64)
     message = error_of([TINY, "--data_dir", str(other), "--out_dir", out, "--init_from", "resume"])
     assert "codebook_size 32" in message and "has 64" in message
+
+
+def test_a_new_run_never_replaces_an_existing_checkpoint(data_dir, tmp_path):
+    flags = [TINY, "--data_dir", str(data_dir), "--out_dir", str(tmp_path), "--max_iters", "2", "--eval_interval", "2"]
+    train.main(flags)
+    saved = (tmp_path / "ckpt.pt").read_bytes()
+    message = error_of(flags)
+    assert "ckpt.pt exists: --init_from resume continues that run" in message
+    assert (tmp_path / "ckpt.pt").read_bytes() == saved
 
 
 def test_resume_without_a_checkpoint(data_dir, tmp_path):

@@ -122,6 +122,8 @@ def test_checkpoints_load_with_load_vqgan_and_resume(tiny_data, tmp_path, capsys
             assert torch.equal(tensor, ckpt["state_dict"][name]), name
     assert Image.open(out / "reconstructions.png").size == (8 * 32, 2 * 32)  # 8 held-out images
 
+    with pytest.raises(SystemExit, match="ckpt.pt exists: --resume continues that run"):
+        main(tiny_args(tiny_data, out, "--max_steps", "5", *flags))  # a new run would replace it
     main(tiny_args(tiny_data, out, "--max_steps", "5", "--resume", *flags))
     assert "resuming" in capsys.readouterr().err
     resumed = load_checkpoint_file(out / "ckpt.pt")

@@ -552,6 +552,9 @@ def train(args: argparse.Namespace) -> dict:
         if not ckpt_path.is_file():
             raise TrainError(f"{ckpt_path}: nothing to resume (run without --resume to start)")
         resume = load_checkpoint_file(ckpt_path)
+    elif ckpt_path.exists():
+        raise TrainError(f"{ckpt_path} exists: --resume continues that run; to start a new one, move it away or pick "
+                         "another --out_dir")
 
     model, fresh_codebook = build_model(args, resume)
     model = model.to(device).train()
