@@ -237,7 +237,7 @@ def plan_rows(
     val_fraction: float,
     start_offset: int,
     start_line: int,
-    kept_earlier: frozenset[str] = frozenset(),
+    kept_earlier: frozenset[str],
 ) -> Iterator[Item]:
     """Read image rows and decide from the ids alone what can be rejected before decoding.
 
@@ -469,7 +469,8 @@ class Run:
             self.commit(started=True, offset=0, line=0)
         size = max(1, source.img_path.stat().st_size)
         # Earlier sources are committed in full before a later one starts, so their id files are complete here.
-        kept_earlier = frozenset(self.kept_ids("train")) if index > 0 else frozenset()
+        train_ids = (self.out_dir / "train.ids.txt").read_text(encoding="utf-8").splitlines() if index > 0 else []
+        kept_earlier = frozenset(train_ids)
         items = plan_rows(source, captions, seen, self.args.val_fraction, state.offset, state.line, kept_earlier)
         batch: list[tuple[Item, np.ndarray]] = []
         for item, pixels, error in decode_in_order(items, pool, self.args):
@@ -493,9 +494,6 @@ class Run:
             if entry.error is None:
                 self.reject(text_name, entry.line_no, img_id, BadRowError("no image row", f"img_id not in {img_name}"))
         self.commit(source=index + 1, started=False, offset=0, line=0)
-
-    def kept_ids(self, split: str) -> list[str]:
-        return (self.out_dir / f"{split}.ids.txt").read_text(encoding="utf-8").splitlines()
 
     def write_batch(self, batch: list[tuple[Item, np.ndarray]], vq, tokenizer) -> None:
         pixels = np.stack([p for _, p in batch])
