@@ -7,8 +7,11 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+APP_STAMP := $(VENV)/.installed-app
+# A second `make demo` continues (a no-op once finished) instead of refusing to replace a checkpoint.
+resume = $(if $(wildcard $(1)/ckpt.pt),--init_from=resume)
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint app bench-gpu clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,13 +25,27 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# prepare.py, train.py and generate.py with no arguments run the embedded demo (see README). A second
-# `make demo` resumes training (a no-op once it has finished) instead of refusing to replace out/ckpt.pt.
+# prepare.py and train.py with no arguments run the embedded demo (see README); the two scorers learn from
+# disjoint halves of its training rows: out/scorer ranks best-of-N candidates, out/grader grades R-precision.
 demo: $(STAMP)
 	$(BIN)/python prepare.py
-	$(BIN)/python train.py $(if $(wildcard out/ckpt.pt),--init_from resume)
+	$(BIN)/python train.py $(call resume,out)
+	$(BIN)/python train.py config/scorer_demo.py $(call resume,out/scorer)
+	$(BIN)/python train.py config/scorer_demo.py --rows=odd --out_dir=out/grader $(call resume,out/grader)
 	$(BIN)/python generate.py --grid preview.png > T2I_test.tsv
 	$(BIN)/python evaluate.py --demo > demo_scores.json
+
+$(APP_STAMP): $(STAMP) requirements-app.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-app.txt
+	touch $@
+
+# The web page for out/best.pt on http://127.0.0.1:7860 (make demo first); app.py's flags go in ARGS.
+app: $(APP_STAMP)
+	$(BIN)/python app.py $(ARGS)
+
+# Every GPU figure in one call, for a GPU machine whose Python already has torch: no venv, nothing installed.
+bench-gpu:
+	$(PYTHON) bench.py gpu --out bench_gpu.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

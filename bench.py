@@ -1,47 +1,58 @@
-"""Throughput benchmarks, one subcommand per part. Results go to BENCHMARKS.md with the machine named.
+"""Benchmarks, one subcommand per part; results go to BENCHMARKS.md with the machine named.
 
-    python bench.py vqgan --batch_size 8
-    python bench.py vqgan --device cuda --batch_size 64 --decode_dtype bfloat16
-    python bench.py vqgan-train --ckpt assets/vqgan_demo.pt --image_size 64 --batch_size 16
-    python bench.py vqgan-train --device cuda --batch_size 8 --disc
-    python bench.py train config/tiny_cpu.py --steps 30
+    python bench.py gpu                     # everything a lent GPU should measure, one table and bench_gpu.json
+    python bench.py vqgan --device cuda --batch_size 64
+    python bench.py train config/muge_16gb.py --steps 10 --batch_size 16 --gpu_memory_gib 16
     python bench.py train config/muge_16gb.py --steps 3 --batch_size 1 --device cpu --estimate_memory
-    python bench.py prepare --vqgan tiny --rows 256
+    python bench.py generate config/muge_16gb.py --device cuda --vqgan f16_1024 --limit 0 --batch_size 256
+    python bench.py steps config/muge_16gb.py --batch_size 1,64,256 --no_cache
     python bench.py prepare --vqgan small --image_size 64 --rows 2000,20000
-    OMP_NUM_THREADS=1 python bench.py generate config/tiny_cpu.py --batch_size 1,16 --limit 64
-    OMP_NUM_THREADS=1 python bench.py generate config/muge_16gb.py --kv_cache_ratio --batch_size 1
-    python bench.py generate config/muge_16gb.py --device cuda --vqgan f16_1024 --limit 0 --batch_size 256 \\
-        --cfg_scale 1,3
+    python bench.py vqgan-train --device cuda --batch_size 8 --disc
+    python bench.py app --ckpt out/best.pt
+
+Random weights throughout: they cost what trained ones do. Every subcommand prints one `RESULT {json}` line
+besides its table, which `bench.py gpu` collects.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import copy
 import dataclasses
-import functools
 import io
 import json
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from model import GPT, GPTConfig
-from utils import autocast, pick_device, pick_dtype
+import generate
+import train
+from model import GPT, GPTConfig, Sampler, row_keys
+from utils import autocast, configure, memory_gib, pick_device, pick_dtype
 from vqgan import VQGAN, VQGANConfig, infer_config, save_checkpoint_atomic
+
+ROOT = Path(__file__).resolve().parent
+SHARED = ROOT.parent / "shared"
+TAMING_FIXTURES = SHARED / "fixtures" / "taming"
+MUGE_CAPTIONS = SHARED / "data" / "muge_t2i_captions_5k.tsv"
 
 
 def describe_machine(device: torch.device) -> str:
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -49,6 +60,10 @@ def describe_machine(device: torch.device) -> str:
     except (OSError, StopIteration):
         pass
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def report(part: str, device: torch.device, **figures: object) -> None:
+    print(f"RESULT {json.dumps({'part': part, 'machine': describe_machine(device), **figures})}", flush=True)
 
 
 def seconds_per_call(fn: Callable[[], object], device: torch.device, warmup: int = 1, repeat: int = 3) -> float:
@@ -70,62 +85,90 @@ def seconds_per_call(fn: Callable[[], object], device: torch.device, warmup: int
     return sorted(times)[len(times) // 2]
 
 
-def peak_memory_gib(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "n/a"
-    return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+def recipe_config(recipe: str | None, **data: int) -> GPTConfig:
+    """A recipe's model settings with the data's fields (codebook_size, grid_rows, ..., text_vocab_size)."""
+    (_, config), _ = configure([recipe] if recipe else [], (train.TrainConfig, GPTConfig), "bench.py", "")
+    return dataclasses.replace(config, **data)
+
+
+def full_size_vqgan_config() -> VQGANConfig:
+    """imagenet_f16_1024's architecture, read off its tensor shapes when the key list is at hand."""
+    keys = TAMING_FIXTURES / "imagenet_f16_1024_keys.json"
+    if not keys.is_file():
+        return VQGANConfig(n_embed=1024)
+    shapes = json.loads(keys.read_text())["state_dict"]
+    return infer_config({k: torch.empty(shape, device="meta") for k, shape in shapes.items()}, keys)
+
+
+def vqgan_checkpoint(name: str, folder: str) -> str:
+    """tiny: the taming fixture; f16_1024: full size, random weights; small: a random f4 for quick runs."""
+    if name == "tiny":
+        path = TAMING_FIXTURES / "tiny_f16" / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            raise SystemExit(f"{path} not found: the tiny fixture is only present in development")
+        return str(path)
+    config = full_size_vqgan_config() if name == "f16_1024" else VQGANConfig(
+        ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, attn_levels=(), z_channels=4, embed_dim=4, n_embed=64)
+    torch.manual_seed(0)
+    path = os.path.join(folder, f"{name}.pt")
+    save_checkpoint_atomic({"state_dict": VQGAN(config).state_dict(), "config": dataclasses.asdict(config)}, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the VQGAN
 
 
 def bench_vqgan(args: argparse.Namespace) -> None:
-    """Encode and decode throughput of the full-size f16 architecture (random weights: speed only)."""
+    """Encode (exact fp32) and decode images/s of the full-size f16 architecture; decoding as generate.py does
+    it on a GPU (bfloat16 weights, channels-last) and, where asked, compiled."""
     device = pick_device(args.device)
     torch.manual_seed(0)
-    model = VQGAN(VQGANConfig(n_embed=args.n_embed)).to(device).eval()
+    model = VQGAN(dataclasses.replace(full_size_vqgan_config(), n_embed=args.n_embed)).to(device).eval()
     x = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1
     codes = model.encode(x)
-    decode_dtype = pick_dtype(device, args.decode_dtype)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    encode_s = seconds_per_call(lambda: model.encode(x), device, repeat=args.repeat)
-    decode_s = seconds_per_call(lambda: model.decode(codes, dtype=decode_dtype), device, repeat=args.repeat)
-    print(f"machine: {describe_machine(device)}")
-    print(f"vqgan f16_{args.n_embed}, {args.image_size}px, batch {args.batch_size}, device {device}")
-    print(f"encode fp32: {args.batch_size / encode_s:8.1f} images/s")
-    print(f"decode {str(decode_dtype).removeprefix('torch.')}: {args.batch_size / decode_s:8.1f} images/s")
-    print(f"peak memory: {peak_memory_gib(device)}")
+    figures = {"encode_fp32": args.batch_size / seconds_per_call(lambda: model.encode(x), device, repeat=args.repeat)}
+    dtype = pick_dtype(device, args.decode_dtype)
+    decoders = {"decode_fp32": model}
+    if dtype != torch.float32:
+        decoders[f"decode_{str(dtype)[6:]}"] = copy.deepcopy(model).to(dtype)
+        decoders[f"decode_{str(dtype)[6:]}_channels_last"] = copy.deepcopy(model).to(
+            dtype=dtype, memory_format=torch.channels_last)
+    for name, decoder in decoders.items():
+        seconds = seconds_per_call(lambda d=decoder: d.decode(codes), device, repeat=args.repeat)
+        figures[name] = args.batch_size / seconds
+    if args.compile:
+        decoder = copy.deepcopy(model).to(dtype=dtype, memory_format=torch.channels_last)
+        decoder.decoder = torch.compile(decoder.decoder)
+        figures["decode_compiled"] = args.batch_size / seconds_per_call(lambda: decoder.decode(codes), device,
+                                                                        warmup=2, repeat=args.repeat)
+    print(f"machine: {describe_machine(device)}\nvqgan f16_{args.n_embed}, {args.image_size} px, batch "
+          f"{args.batch_size}: " + ", ".join(f"{k} {v:.1f} images/s" for k, v in figures.items()))
+    report("vqgan", device, batch_size=args.batch_size, images_per_sec=figures, memory_gib=memory_gib(device))
 
 
 def bench_vqgan_train(args: argparse.Namespace) -> None:
-    """Training images/s of vqgan/train.py's own step on random images (speed only), with or without the
-    patch discriminator; the architecture is a checkpoint's, or the full-size f16 one."""
-    from vqgan import load_vqgan
-    from vqgan.train import build_parser, make_optimizers, train_step
+    """Training images/s of vqgan/train.py's own step on random images, with or without the discriminator."""
+    from vqgan.train import VQGANTrainConfig, make_optimizers, train_step
 
     device = pick_device(args.device)
     torch.manual_seed(0)
-    if args.ckpt:
-        model, name = load_vqgan(args.ckpt, device).requires_grad_(True), args.ckpt
-    else:
-        model, name = VQGAN(full_size_vqgan_config()).to(device), "imagenet_f16_1024 architecture, random weights"
-    model.train()
-    flags = ["--data", "unused", "--batch_size", str(args.batch_size), "--disc_start", "0" if args.disc else "-1"]
-    if args.dtype:
-        flags += ["--dtype", args.dtype]
-    train_args = build_parser().parse_args(flags)
+    model = VQGAN(full_size_vqgan_config()).to(device).train()
+    settings = VQGANTrainConfig(data=["unused"], batch_size=args.batch_size, disc_start=0 if args.disc else -1)
     dtype = pick_dtype(device, args.dtype)
-    optimizers = make_optimizers(model, train_args, device, dtype)
+    optimizers = make_optimizers(model, settings, device, dtype)
     x = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    step_s = seconds_per_call(lambda: train_step(model, x, train_args, 1000, optimizers, device, dtype), device,
-                              repeat=args.repeat)
-    print(f"machine: {describe_machine(device)}")
-    params = sum(p.numel() for p in model.parameters())
-    print(f"vqgan training step: {name} ({params / 1e6:.2f} M parameters), {args.image_size}px, "
-          f"batch {args.batch_size}, {str(dtype).removeprefix('torch.')}, "
-          f"{'with' if args.disc else 'without'} the patch discriminator, device {device}")
-    print(f"throughput: {args.batch_size / step_s:.1f} images/s ({step_s:.3f} s per step, median of {args.repeat})")
-    print(f"peak memory: {peak_memory_gib(device)}")
+    step = seconds_per_call(lambda: train_step(model, x, settings, 1000, optimizers, device, dtype), device,
+                            repeat=args.repeat)
+    print(f"machine: {describe_machine(device)}\nvqgan training step, f16 {args.image_size} px, batch "
+          f"{args.batch_size}, {str(dtype)[6:]}, {'with' if args.disc else 'without'} the discriminator: "
+          f"{args.batch_size / step:.1f} images/s; peak {memory_gib(device)}")
+    report("vqgan-train", device, batch_size=args.batch_size, disc=args.disc, images_per_sec=args.batch_size / step,
+           memory_gib=memory_gib(device))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training
 
 
 def write_synthetic_data(data_dir: str, rows: int, codebook_size: int, grid: int, text_len: int,
@@ -137,150 +180,100 @@ def write_synthetic_data(data_dir: str, rows: int, codebook_size: int, grid: int
         text = rng.integers(1, text_vocab_size, (n, text_len), dtype=np.uint16)
         text[:, text_len // 2 :] = 0  # captions are right-padded
         text.tofile(f"{data_dir}/{split}.txt.bin")
-    meta = {"image_size": grid * 16, "code_grid": [grid, grid], "codebook_size": codebook_size,
-            "text_len": text_len, "tokenizer": "vocab.txt", "text_vocab_size": text_vocab_size, "pad_id": 0,
-            "splits": {"train": {"rows": rows}, "val": {"rows": max(1, rows // 8)}}}
-    with open(f"{data_dir}/meta.json", "w") as f:
-        json.dump(meta, f)
+    meta = {"image_size": grid * 16, "code_grid": [grid, grid], "codebook_size": codebook_size, "text_len": text_len,
+            "tokenizer": "vocab.txt", "text_vocab_size": text_vocab_size, "pad_id": 0}
+    Path(data_dir, "meta.json").write_text(json.dumps(meta))
 
 
-def saved_activation_bytes(model: torch.nn.Module, batch_size: int, text_len: int) -> int:
+def saved_activation_bytes(model: GPT, batch_size: int) -> int:
     """Bytes autograd keeps for the backward pass after one bf16-autocast forward on the CPU."""
-    codes = torch.randint(0, model.config.codebook_size, (batch_size, model.config.block_size))
-    text = torch.randint(1, model.text_encoder.config.vocab_size, (batch_size, text_len))
+    cfg = model.config
+    codes = torch.randint(0, cfg.codebook_size, (batch_size, cfg.block_size))
+    text = torch.randint(1, model.text_encoder.config.vocab_size, (batch_size, cfg.text_len))
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
     def keep(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
+        if tensor.untyped_storage().data_ptr() not in params:
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), autocast(
-        torch.device("cpu"), torch.bfloat16
-    ):
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), autocast(torch.device("cpu"), torch.bfloat16):
         model(codes, text)
     return sum(saved.values())
 
 
-def estimate_gpu_memory(config: GPTConfig, batch_size: int, text_len: int) -> None:
-    """Predict peak GPU memory of bf16 training from CPU measurements, since no GPU may be at hand.
+def estimate_gpu_memory(config: GPTConfig, batch_sizes: list[int]) -> dict[int, float]:
+    """GiB a GPU must have for bf16 training, predicted from CPU measurements: what the card reserves.
 
     fp32 weights, gradients and AdamW's two moments take 16 bytes per trained parameter (4 per frozen one).
     What autograd saves is measured at batch 1 and 2: the difference is the per-image activations, the rest
-    (mostly autocast's bf16 copies of the weights) is fixed. It is measured with dropout off, because the
-    CPU's attention keeps the probabilities that the CUDA kernels recompute; the dropout masks are added by
-    count (one byte per element on CUDA). The backward pass briefly holds the logits' gradient in fp32 and
-    bf16 on top. Not counted: the CUDA context (~0.3-0.5 GiB) and allocator slack.
+    (mostly autocast's bf16 copies of the weights) is fixed; dropout masks are added by count (one byte per
+    element on CUDA), the logits' gradient (fp32 and bf16) on top. The caching allocator reserves more than is
+    allocated at the peak; the 25% here, and the 0.5 GiB of CUDA context and cuBLAS workspaces, are the usual
+    sizes, to be replaced by `bench.py train`'s measured reserved memory once a GPU has run it.
     """
     torch.manual_seed(0)
     model = GPT(dataclasses.replace(config, dropout=0.0)).train()
-    one, two = (saved_activation_bytes(model, b, text_len) for b in (1, 2))
+    one, two = (saved_activation_bytes(model, b) for b in (1, 2))
     per_image, fixed = two - one, 2 * one - two
     if config.dropout > 0:  # after the embeddings, and after self-attention, cross-attention and MLP
         per_image += (1 + 3 * config.n_layer) * config.block_size * config.n_embd
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    states = 16 * trained + 4 * frozen
-    logits_grad = 6 * config.block_size * config.codebook_size
-    gib = 2**30
-    print(f"memory estimate (bf16 autocast, measured on the CPU): weights+grads+AdamW {states / gib:.2f} GiB, "
-          f"bf16 weight copies and other fixed saved tensors {fixed / gib:.2f} GiB, activations "
-          f"{per_image / 2**20:.0f} MiB per image, logits gradient {logits_grad / 2**20:.0f} MiB per image")
-    totals = ", ".join(f"batch {b}: {(states + fixed + b * (per_image + logits_grad)) / gib:.1f} GiB"
-                       for b in sorted({1, 8, 16, 32, batch_size}))
-    print(f"estimated peak allocated: {totals} (+ CUDA context and allocator slack)")
+    per_image += 6 * config.block_size * config.codebook_size
+    states = sum((16 if p.requires_grad else 4) * p.numel() for p in model.parameters())
+    return {b: (1.25 * (states + fixed + b * per_image) + 0.5 * 2**30) / 2**30 for b in batch_sizes}
 
 
-def bench_train(args: argparse.Namespace, train_flags: list[str]) -> None:
-    """tokens/s of train.py's own loop on synthetic data shaped like MUGE's (16x16 codes, 64-token captions)."""
-    import train
-
+def bench_train(args: argparse.Namespace, flags: list[str]) -> None:
+    """tokens/s, MFU and memory of train.py's own loop on synthetic data shaped like MUGE's."""
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = os.path.join(tmp, "data")
         os.makedirs(data_dir)
         write_synthetic_data(data_dir, args.rows, args.codebook_size, args.grid, args.text_len, args.text_vocab_size)
-        recipe = [args.config] if args.config else []
-        flags = [*recipe, *train_flags, "--data_dir", data_dir, "--out_dir", os.path.join(tmp, "out"),
-                 "--max_iters", str(args.steps), "--eval_interval", str(args.steps + 1), "--eval_iters", "1",
-                 "--log_interval", "1", "--warmup_iters", "0"]
-        tc, given = train.parse_args(flags)
+        argv = [*([args.config] if args.config else []), *flags, f"--data_dir={data_dir}",
+                f"--out_dir={tmp}/out", f"--max_iters={args.steps}", f"--eval_interval={args.steps + 1}",
+                "--eval_iters=1", "--log_interval=1", "--warmup_iters=0"]
+        tc, mc, _ = train.parse_args(argv)
         device = pick_device(tc.device or None)
         if args.gpu_memory_gib and device.type == "cuda":
             # Stand in for a smaller card: the allocator refuses to go past this much of this one.
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_memory_gib * 2**30 / total), device)
-        summary = train.main(flags)
-        if args.estimate_memory:
-            config = train.model_config_for(tc, given, train.read_meta(data_dir), None)
-    rate = summary["tokens_per_sec"]
-    print(f"machine: {describe_machine(device)}")
-    recipe = " ".join([args.config or "(demo defaults)", *train_flags])
-    print(f"train {recipe}: {summary['params'] / 1e6:.1f}M parameters, "
-          f"{summary['tokens_per_iter']:,} tokens per step, device {device}")
-    if rate:
-        print(f"throughput: {rate:,.0f} tokens/s, {summary['tokens_per_iter'] / rate:.2f} s per step "
-              f"(mean over steps 2..{args.steps}); a 90,000-image epoch at this rate: "
-              f"{90_000 * args.grid**2 / rate / 60:,.1f} min")
-    print(f"peak memory: {summary['peak_memory_gib']:.2f} GiB "
-          f"({'allocated' if device.type == 'cuda' else 'process resident'})")
+        summary = train.main(argv)
+    rate, peak = summary["tokens_per_sec"], tc.peak_flops or train.peak_flops(device)
+    config = recipe_config(args.config, codebook_size=args.codebook_size, grid_rows=args.grid, grid_cols=args.grid,
+                           text_len=args.text_len, text_vocab_size=args.text_vocab_size)
+    with torch.device("meta"):  # only its FLOP count is wanted
+        model_flops = GPT(config).flops_per_sample()
+    figures = {"params_m": summary["params"] / 1e6, "tokens_per_iter": summary["tokens_per_iter"],
+               "tokens_per_sec": rate, "memory_gib": summary["memory_gib"], "batch_size": tc.batch_size,
+               "epoch_minutes": 90_000 * args.grid**2 / rate / 60 if rate else None,
+               "mfu": model_flops * rate / args.grid**2 / peak if rate and peak else None}
+    print(f"machine: {describe_machine(device)}\ntrain {' '.join([args.config or '(demo)', *flags])}: "
+          + ", ".join(f"{k} {v}" for k, v in figures.items()))
     if args.estimate_memory:
-        estimate_gpu_memory(config, tc.batch_size, args.text_len)
+        figures["estimated_card_gib"] = estimate_gpu_memory(config, [1, 8, 16, 32])
+        print("estimated card memory (GiB, bf16): " + ", ".join(
+            f"batch {b}: {gib:.1f}" for b, gib in figures["estimated_card_gib"].items()))
+    report("train", device, config=args.config, **figures)
 
 
-SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "shared")
-TAMING_FIXTURES = os.path.join(SHARED, "fixtures", "taming")
-MUGE_CAPTIONS = os.path.join(SHARED, "data", "muge_t2i_captions_5k.tsv")
-
-
-def full_size_vqgan_config() -> VQGANConfig:
-    """imagenet_f16_1024's architecture, read off its tensor shapes when the key list is at hand."""
-    keys = os.path.join(TAMING_FIXTURES, "imagenet_f16_1024_keys.json")
-    if not os.path.isfile(keys):
-        return VQGANConfig(n_embed=1024)
-    with open(keys) as f:
-        shapes = json.load(f)["state_dict"]
-    return infer_config({k: torch.empty(shape, device="meta") for k, shape in shapes.items()}, keys)
-
-
-def prepare_vqgan_checkpoint(name: str, folder: str) -> str:
-    """tiny: the taming fixture; f16_1024: full size, random weights; small: a random f4 for memory runs."""
-    if name == "tiny":
-        path = os.path.join(TAMING_FIXTURES, "tiny_f16", "checkpoints", "last.ckpt")
-        if not os.path.isfile(path):
-            raise SystemExit(f"{path} not found: the tiny fixture is only present in development")
-        return path
-    if name == "f16_1024":
-        config = full_size_vqgan_config()
-    else:
-        config = VQGANConfig(ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, attn_levels=(), z_channels=4, embed_dim=4,
-                             n_embed=64)
-    torch.manual_seed(0)
-    path = os.path.join(folder, f"{name}.pt")
-    save_checkpoint_atomic({"state_dict": VQGAN(config).state_dict(), "config": dataclasses.asdict(config)}, path)
-    return path
+# ----------------------------------------------------------------------------------------------------------
+# prepare
 
 
 def write_muge_tsvs(data_dir: str, rows: int, source_size: int) -> int:
-    """T2I_train.{img,text}.tsv with `rows` JPEG product-photo stand-ins; returns the image TSV's bytes.
-
-    64 distinct smooth pictures (JPEG sizes like real photos, unlike noise) repeat under unique ids; captions
-    are the real MUGE ones when present.
-    """
+    """T2I_train.{img,text}.tsv with `rows` JPEG stand-ins for product photos; returns the image TSV's bytes."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
     pictures = []
-    for _ in range(64):
+    for _ in range(64):  # smooth pictures: JPEG sizes like real photos, unlike noise
         coarse = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
         buffer = io.BytesIO()
         coarse.resize((source_size, source_size), Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=90)
         pictures.append(base64.b64encode(buffer.getvalue()).decode())
-    captions = ["商品标题 T恤 2021 新款"]
-    if os.path.isfile(MUGE_CAPTIONS):
-        with open(MUGE_CAPTIONS, encoding="utf-8") as f:
-            captions = [line.rstrip("\n").split("\t", 1)[1] for line in f if "\t" in line]
+    captions = [c for _, c in read_captions(MUGE_CAPTIONS)]
     os.makedirs(data_dir, exist_ok=True)
     with open(f"{data_dir}/T2I_train.img.tsv", "w") as images, open(f"{data_dir}/T2I_train.text.tsv", "w") as texts:
         for i in range(rows):
@@ -290,56 +283,47 @@ def write_muge_tsvs(data_dir: str, rows: int, source_size: int) -> int:
 
 
 def bench_prepare(args: argparse.Namespace) -> None:
-    """prepare.py end to end on generated MUGE-format TSVs: rows/s and peak resident memory per row count.
-
-    Each size runs in a fresh process, so that its peak memory is its own.
-    """
+    """prepare.py end to end on generated MUGE-format TSVs: rows/s and peak memory, each size in a fresh process
+    so that its peak is its own."""
     device = pick_device(args.device)
-    run_prepare = (
-        "import json, sys, prepare\n"
-        "args = prepare.build_parser().parse_args(sys.argv[1:])\n"
-        "print(json.dumps(prepare.prepare(args, 'bench')))"
-    )
-    print(f"machine: {describe_machine(device)}")
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = prepare_vqgan_checkpoint(args.vqgan, tmp)
+        ckpt = vqgan_checkpoint(args.vqgan, tmp)
         for rows in (int(n) for n in args.rows.split(",")):
             data_dir, out_dir = os.path.join(tmp, f"muge{rows}"), os.path.join(tmp, f"out{rows}")
             tsv_bytes = write_muge_tsvs(data_dir, rows, args.source_size)
-            flags = ["--data_dir", data_dir, "--vqgan_ckpt", ckpt, "--out_dir", out_dir, "--device", str(device)]
-            flags += ["--image_size", str(args.image_size), "--batch_size", str(args.batch_size)]
+            flags = ["--data_dir", data_dir, "--vqgan_ckpt", ckpt, "--out_dir", out_dir, "--device", str(device),
+                     "--image_size", str(args.image_size), "--batch_size", str(args.batch_size)]
             if args.num_workers is not None:
                 flags += ["--num_workers", str(args.num_workers)]
-            done = subprocess.run(
-                [sys.executable, "-c", run_prepare, *flags],
-                cwd=os.path.dirname(os.path.abspath(__file__)),
-                stdout=subprocess.PIPE,
-                text=True,
-                check=True,
-            )
-            summary = json.loads(done.stdout.strip().splitlines()[-1])
-            memory = summary["peak_rss_mb"]
-            print(
-                f"prepare --vqgan {args.vqgan}: {rows} rows ({tsv_bytes / 2**20:.0f} MiB image TSV, "
-                f"{args.source_size}px JPEGs -> {args.image_size}px), batch {args.batch_size}, device {device}: "
-                f"{summary['rows_per_sec']:.1f} rows/s after start-up, {summary['seconds']:.1f} s in all; "
-                f"peak RSS main {memory['main']} MB, largest worker {memory['largest_worker']} MB"
-            )
+            subprocess.run([sys.executable, str(ROOT / "prepare.py"), *flags], check=True, stderr=subprocess.DEVNULL)
+            meta = json.loads(Path(out_dir, "meta.json").read_text())
+            print(f"prepare --vqgan {args.vqgan}: {rows} rows ({tsv_bytes / 2**20:.0f} MiB), {meta['seconds']} s, "
+                  f"{rows / meta['seconds']:.1f} rows/s; peak memory {meta['peak_memory_gib']} GiB")
+            report("prepare", device, rows=rows, seconds=meta["seconds"], peak_memory_gib=meta["peak_memory_gib"])
             shutil.rmtree(data_dir)
 
 
-def read_captions(path: str, limit: int) -> list[tuple[str, str]]:
-    """(img_id, caption) rows of a `T2I_*.text.tsv` file, the first `limit` of them (0: all)."""
+# ----------------------------------------------------------------------------------------------------------
+# generation
+
+
+def read_captions(path: Path, limit: int = 0) -> list[tuple[str, str]]:
+    """(img_id, caption) rows of a captions TSV, or where it is missing 5,000 made-up titles of 28 characters
+    drawn from characters real titles use (the lengths matter for speed, not the words)."""
     from data import read_text_tsv
 
-    rows = [(row.img_id, row.caption) for row in read_text_tsv(path) if row.error is None]
+    if path.is_file():
+        rows = [(row.img_id, row.caption) for row in read_text_tsv(path) if row.error is None]
+    else:
+        rng = np.random.default_rng(0)
+        chars = list("男女童纯棉短裤夏季新款宝宝帅气五分裤洋气运动韩版宽松显瘦刺绣条纹大码长袖T恤连衣裙红蓝黑白")
+        rows = [(f"{i:032x}", "".join(rng.choice(chars, 28))) for i in range(5000)]
     return rows[:limit] if limit else rows
 
 
-def write_generate_checkpoint(folder: str, recipe: str | None, vqgan_path: str, captions: list[str],
-                              image_size: int, text_len: int) -> str:
+def write_checkpoint(folder: str, recipe: str | None, vqgan_path: str, captions: list[str], image_size: int,
+                     text_len: int) -> str:
     """A train.py-style checkpoint with random weights, its char vocab and meta, for generate.py to load."""
-    import train
     from text import build_char_vocab, write_vocab
     from vqgan import load_vqgan
 
@@ -347,164 +331,311 @@ def write_generate_checkpoint(folder: str, recipe: str | None, vqgan_path: str, 
     grid = image_size // vq.downsample_factor
     vocab = build_char_vocab(captions)
     write_vocab(vocab, os.path.join(folder, "vocab.txt"))
-    _, model_settings = train.parse_args([recipe] if recipe else [])
-    config = GPTConfig(**{**model_settings, "codebook_size": vq.codebook_size, "grid_rows": grid, "grid_cols": grid,
-                          "text_len": text_len, "text_vocab_size": len(vocab)})
+    config = recipe_config(recipe, codebook_size=vq.codebook_size, grid_rows=grid, grid_cols=grid, text_len=text_len,
+                           text_vocab_size=len(vocab))
     torch.manual_seed(0)
     model = GPT(config)
     meta = {"image_size": image_size, "code_grid": [grid, grid], "codebook_size": vq.codebook_size,
-            "text_len": text_len, "tokenizer": "vocab.txt", "text_vocab_size": len(vocab), "pad_id": 0,
-            "vqgan_ckpt": os.path.abspath(vqgan_path), "test_prompts": None}
-    path = os.path.join(folder, "ckpt.pt")
-    save_checkpoint_atomic({"model": model.state_dict(), "model_config": dataclasses.asdict(config), "meta": meta,
-                            "data_dir": os.path.abspath(folder)}, path)
+            "text_len": text_len, "tokenizer": "vocab.txt", "text_vocab_size": len(vocab),
+            "vqgan_ckpt": os.path.abspath(vqgan_path)}
+    path = os.path.join(folder, "best.pt")
+    save_checkpoint_atomic({"kind": "gpt", "model": model.state_dict(), "model_config": dataclasses.asdict(config),
+                            "meta": meta, "data_dir": os.path.abspath(folder)}, path)
     return path
 
 
 def bench_generate(args: argparse.Namespace) -> None:
-    """generate.py's own run (sampling, VQGAN decoding, PNG encoding, writing) over real MUGE captions with a
-    random-weight GPT of a recipe's shape: images/s and the time in each stage, per batch size and guidance scale."""
-    import generate
-
+    """generate.py's own run over real MUGE captions with a random-weight GPT of a recipe's shape: seconds to
+    a complete T2I_test.tsv and the time in each stage, per batch size."""
     device = pick_device(args.device)
-    captions_path = args.captions or MUGE_CAPTIONS
-    if not os.path.isfile(captions_path):
-        raise SystemExit(f"{captions_path}: no captions file (--captions)")
-    rows = read_captions(captions_path, args.limit)
-    batch_sizes = [int(b) for b in args.batch_size.split(",")]
-    print(f"machine: {describe_machine(device)}")
+    rows = read_captions(Path(args.captions or MUGE_CAPTIONS), args.limit)
     with tempfile.TemporaryDirectory() as tmp:
-        vqgan_path = prepare_vqgan_checkpoint(args.vqgan, tmp)
-        ckpt = write_generate_checkpoint(tmp, args.config, vqgan_path, [c for _, c in rows], args.image_size,
-                                         args.text_len)
-        prompts, warmup = os.path.join(tmp, "prompts.tsv"), os.path.join(tmp, "warmup.tsv")
-        for path, subset in ((prompts, rows), (warmup, rows[: max(batch_sizes)])):
-            with open(path, "w", encoding="utf-8") as f:
-                f.writelines(f"{img_id}\t{caption}\n" for img_id, caption in subset)
-        for cfg_scale in args.cfg_scale.split(","):
-            for batch_size in batch_sizes:
-                flags = ["--ckpt", ckpt, "--batch_size", str(batch_size), "--cfg_scale", cfg_scale,
-                         "--device", str(device)]
-                if args.dtype:
-                    flags += ["--dtype", args.dtype]
-                # One untimed batch first: CUDA context, kernel choice and allocator warm-up are not generation.
-                with open(os.devnull, "wb") as out:
-                    generate.run(generate.build_parser().parse_args([*flags, "--prompts", warmup]), out)
-                with open(os.path.join(tmp, "T2I_test.tsv"), "wb") as out:
-                    s = generate.run(generate.build_parser().parse_args([*flags, "--prompts", prompts]), out)
-                print(f"generate {args.config or '(demo defaults)'} --vqgan {args.vqgan}: {s['generated']} captions, "
-                      f"batch {batch_size}, cfg {cfg_scale}, device {device}: {s['seconds']:.2f} s, "
-                      f"{s['images_per_sec']:.2f} images/s; stage times (overlapping): sampling "
-                      f"{s['sampling_seconds']:.2f} s, VQGAN decoding {s['decoding_seconds']:.2f} s, PNG encoding "
-                      f"{s['encoding_seconds']:.2f} s in {s['encode_workers']} processes; loading "
-                      f"{s['load_seconds']:.1f} s; peak memory {peak_memory_gib(device)}")
+        ckpt = write_checkpoint(tmp, args.config, vqgan_checkpoint(args.vqgan, tmp), [c for _, c in rows],
+                                args.image_size, args.text_len)
+        prompts = os.path.join(tmp, "prompts.tsv")
+        Path(prompts).write_text("".join(f"{i}\t{c}\n" for i, c in rows), encoding="utf-8")
+        for batch_size in (int(b) for b in args.batch_size.split(",")):
+            flags = ["--ckpt", ckpt, "--batch_size", str(batch_size), "--cfg_scale", str(args.cfg_scale),
+                     "--device", str(device), "--prompts", prompts]
+            flags += ["--compile", args.compile] if args.compile else []
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            started = time.perf_counter()
+            with open(os.path.join(tmp, "T2I_test.tsv"), "wb") as out:
+                s = generate.run(generate.build_parser().parse_args(flags), out)
+            total = time.perf_counter() - started
+            print(f"generate {args.config or '(demo)'} --vqgan {args.vqgan}: {len(rows)} captions, batch "
+                  f"{batch_size}, cfg {args.cfg_scale}: {total:.1f} s end to end (start-up {s['load_seconds']:.1f} s; "
+                  f"sampling {s['sampling_seconds']:.1f} s, decoding {s['decoding_seconds']:.1f} s, PNG "
+                  f"{s['encoding_seconds']:.1f} s over {s['encode_workers']} processes); peak {memory_gib(device)}")
+            report("generate", device, config=args.config, captions=len(rows), batch_size=batch_size,
+                   cfg_scale=args.cfg_scale, total_seconds=total, **{k: v for k, v in s.items() if k != "warnings"},
+                   memory_gib=memory_gib(device))
 
 
-def step_with_cache(model: GPT, prefix: torch.Tensor, length: int, text_kv: list, mask: torch.Tensor,
-                    caches: list) -> None:
-    """The sampling step after `length` codes: one new token against the cached keys and values."""
-    for cache in caches:
-        cache.length = length  # forget the token that the previous call appended
-    model.run_blocks(prefix[:, length:], text_kv, mask, caches)
-
-
-def step_without_cache(model: GPT, prefix: torch.Tensor, text_kv: list, attn_mask: torch.Tensor) -> None:
-    """The same step without a cache: all the blocks over the whole prefix, the head on its last position."""
-    x = prefix
-    for i, block in enumerate(model.blocks):
-        x = block(x, text_kv[i], attn_mask)
-    model.head(model.ln_f(x[:, -1:]))
-
-
-def bench_kv_cache(args: argparse.Namespace) -> None:
-    """Seconds for one sampling step with and without the KV cache at several prefix lengths, and the ratio
-    for a whole image, interpolating linearly between the measured lengths.
-
-    Without a cache every step reruns all the blocks over the whole prefix (the text keys and values are still
-    computed once per prompt, and only the last position goes through the head): the fairest uncached sampler.
-    """
-    import train
-    from model import KVCache
-
+def bench_steps(args: argparse.Namespace) -> None:
+    """Seconds per decode step of the sampler at several batch sizes, eager and compiled; with --no_cache also
+    the step without a cache (the whole prefix through the blocks), interpolated over the grid, as a ratio."""
     device = pick_device(args.device)
     dtype = pick_dtype(device, args.dtype)
-    _, model_settings = train.parse_args([args.config] if args.config else [])
-    config = GPTConfig(**{**model_settings, "codebook_size": args.codebook_size, "grid_rows": args.grid,
-                          "grid_cols": args.grid, "text_len": args.text_len, "text_vocab_size": 5000})
+    config = recipe_config(args.config, codebook_size=args.codebook_size, grid_rows=args.grid, grid_cols=args.grid,
+                           text_len=args.text_len, text_vocab_size=5000)
     torch.manual_seed(0)
-    model = GPT(config).to(device).eval()
-    batch = int(args.batch_size.split(",")[0])
-    text = torch.randint(1, 5000, (batch, args.text_len), device=device)
-    text[:, args.text_len // 2 :] = 0
-    codes = torch.randint(0, config.codebook_size, (batch, config.block_size), device=device)
-    lengths = [int(p) for p in args.prefixes.split(",")]
-    cached, uncached = [], []
-    with torch.no_grad(), autocast(device, dtype):
-        context, mask = model.encode_text(text)
-        text_kv = [block.cross_attn.text_kv(context) for block in model.blocks]
-        attn_mask = mask[:, None, None, :]
-        for length in lengths:
-            prefix = model.embed_codes(torch.cat([torch.full((batch, 1), model.start_token, device=device),
-                                                  codes[:, :length]], dim=1))
-            caches = [KVCache(config.block_size) for _ in model.blocks]
-            if length:
-                model.run_blocks(prefix[:, :length], text_kv, mask, caches)
-            step = functools.partial(step_with_cache, model, prefix, length, text_kv, mask, caches)
-            cached.append(seconds_per_call(step, device, repeat=args.repeat))
-            step = functools.partial(step_without_cache, model, prefix, text_kv, attn_mask)
-            uncached.append(seconds_per_call(step, device, repeat=args.repeat))
-    positions = np.arange(config.block_size)
-    total_cached = np.interp(positions, lengths, cached).sum()
-    total_uncached = np.interp(positions, lengths, uncached).sum()
-    print(f"machine: {describe_machine(device)}")
-    print(f"KV cache, {args.config or '(demo defaults)'}: {model.num_params() / 1e6:.0f}M parameters, "
-          f"{config.block_size} codes, batch {batch}, {str(dtype).removeprefix('torch.')}, device {device}")
-    for length, with_cache, without in zip(lengths, cached, uncached, strict=True):
-        print(f"  step at prefix {length:3d}: cached {with_cache * 1e3:8.1f} ms, uncached {without * 1e3:8.1f} ms")
-    print(f"one image ({config.block_size} steps, interpolated): cached {total_cached:.1f} s, uncached "
-          f"{total_uncached:.1f} s, ratio {total_uncached / total_cached:.1f}x")
+    model = GPT(config).to(device, dtype).eval()
+    figures: dict[str, dict[int, float]] = {"eager_ms": {}, "compiled_ms": {}, "no_cache_ratio": {}}
+    for batch in (int(b) for b in args.batch_size.split(",")):
+        text = torch.randint(1, 5000, (batch, args.text_len), device=device)
+        text[:, args.text_len // 2 :] = 0
+        for mode in ("eager", "compiled") if args.compile else ("eager",):
+            sampler = Sampler(model, batch, cfg_scale=args.cfg_scale, compile=mode == "compiled")
+            sampler.prefill(text)
+            sampler.keys.copy_(row_keys(0, range(batch)).flatten().to(device))
+
+            def steps(sampler: Sampler = sampler, n: int = 16) -> None:
+                with torch.no_grad():
+                    for _ in range(n):
+                        sampler.tokens.copy_(sampler.step(sampler.tokens, sampler.pos))
+
+            sampler.pos.fill_(config.block_size // 2)
+            figures[f"{mode}_ms"][batch] = 1000 * seconds_per_call(steps, device, warmup=3, repeat=args.repeat) / 16
+        if args.no_cache:
+            figures["no_cache_ratio"][batch] = no_cache_ratio(model, text, figures["eager_ms"][batch] / 1000, device)
+    print(f"machine: {describe_machine(device)}\nsteps {args.config or '(demo)'}: {model.num_params() / 1e6:.0f}M "
+          f"parameters, cfg {args.cfg_scale}, {str(dtype)[6:]}: " + "; ".join(
+              f"{name} " + ", ".join(f"batch {b}: {v:.2f}" for b, v in values.items())
+              for name, values in figures.items() if values))
+    report("steps", device, config=args.config, cfg_scale=args.cfg_scale, **figures)
+
+
+@torch.no_grad()
+def no_cache_ratio(model: GPT, text: torch.Tensor, cached_step: float, device: torch.device,
+                   prefixes: tuple[int, ...] = (1, 64, 128, 192, 256)) -> float:
+    """How many times longer an image takes without a cache: every step runs the blocks over the whole prefix
+    (the caption's keys and values still once per prompt), timed at a few lengths and interpolated."""
+    context, mask = model.encode_text(text)
+    from model import attention_bias
+
+    bias = attention_bias(mask, context.dtype)
+    text_kv = [block.cross_attn.text_kv(context) for block in model.blocks]
+    codes = torch.randint(0, model.config.codebook_size, (len(text), model.config.block_size), device=device)
+    prefixes = tuple(min(p, model.config.block_size) for p in prefixes)
+
+    def uncached(length: int) -> None:
+        x = model.embed_codes(codes[:, :length], torch.arange(length, device=device))
+        for block, kv in zip(model.blocks, text_kv, strict=True):
+            x = block(x, kv, bias)
+        model.head(model.ln_f(x[:, -1:]))
+
+    times = [seconds_per_call(lambda n=n: uncached(n), device, repeat=1) for n in prefixes]
+    per_image = np.interp(np.arange(1, model.config.block_size + 1), prefixes, times).sum()
+    return float(per_image / (cached_step * model.config.block_size))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the web page
+
+
+APP_TITLES = ("红色条纹T恤 2021夏季新款", "蓝色纯色连衣裙 韩版", "黑色运动鞋 男", "白色波点帽子", "绿色手提包 女",
+              "粉色口红 正品", "紫色格子裤子 宽松", "黄色香水 女士")
+
+
+def bench_app(args: argparse.Namespace) -> None:
+    """app.py under load, over plain HTTP to the page's API as scripts and browsers reach it: 8 requests one
+    after another, then 8 and 32 at once. Every request must come back with its pictures. Reports the seconds,
+    the sampler draws the batcher made (counted in app.py's log) and each burst's time against the 8 in a row."""
+    device = pick_device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        url, log_path = f"http://127.0.0.1:{port}", os.path.join(tmp, "app.log")
+        command = [sys.executable, str(ROOT / "app.py"), "--ckpt", os.path.abspath(args.ckpt), "--device",
+                   str(device), "--port", str(port), "--max_batch", str(args.max_batch)]
+        with open(log_path, "w") as log:
+            server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                      env={**os.environ, "GRADIO_TEMP_DIR": os.path.join(tmp, "cache")})
+        try:
+            started = time.perf_counter()
+            while True:
+                try:
+                    urllib.request.urlopen(url, timeout=2)
+                    break
+                except OSError:
+                    if server.poll() is not None or time.perf_counter() - started > 300:
+                        raise SystemExit(f"app.py did not start:\n{Path(log_path).read_text()[-2000:]}") from None
+                    time.sleep(0.5)
+            start_seconds = time.perf_counter() - started
+
+            def draws() -> int:
+                return Path(log_path).read_text().count("app: drew ")
+
+            def one(i: int) -> int:
+                """Pictures in the answer to request i; 0 for an error or a refusal."""
+                body = json.dumps({"data": [APP_TITLES[i % len(APP_TITLES)], 3.0, args.pictures, i, 0, 1.0]})
+                posted = urllib.request.Request(f"{url}/gradio_api/call/draw", body.encode(),
+                                                {"Content-Type": "application/json"})
+                try:
+                    event_id = json.load(urllib.request.urlopen(posted, timeout=60))["event_id"]
+                    stream = urllib.request.urlopen(f"{url}/gradio_api/call/draw/{event_id}", timeout=1800).read()
+                except OSError:
+                    return 0
+                lines = stream.decode().splitlines()
+                if not any(line.startswith("event: complete") for line in lines):
+                    return 0
+                gallery, _ = json.loads([line for line in lines if line.startswith("data:")][-1][5:])
+                return len(gallery)
+
+            one(0)  # the first draw builds a sampler and brings the weights into the caches
+            runs: dict[str, dict[str, float]] = {}
+            for name, n, together in (("sequential_8", 8, False), ("concurrent_8", 8, True),
+                                      ("concurrent_32", 32, True)):
+                before, started = draws(), time.perf_counter()
+                if together:
+                    with ThreadPoolExecutor(n) as pool:
+                        answers = list(pool.map(one, range(n)))
+                else:
+                    answers = [one(i) for i in range(n)]
+                runs[name] = {"requests": n, "seconds": round(time.perf_counter() - started, 2),
+                              "answered": sum(got == args.pictures for got in answers), "draws": draws() - before}
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+    sequential = runs["sequential_8"]["seconds"]
+    ratios = {f"{name}_vs_sequential_8": round(runs[name]["seconds"] / sequential, 3)
+              for name in ("concurrent_8", "concurrent_32")}
+    print(f"app {args.ckpt}: {args.pictures} pictures per request, --max_batch {args.max_batch}, started in "
+          f"{start_seconds:.0f} s; " + "; ".join(
+              f"{name.replace('_', ' ')}: {run['seconds']:.1f} s, {run['answered']}/{run['requests']} answered, "
+              f"{run['draws']} draws" for name, run in runs.items()) +
+          f"; 8 at once take {ratios['concurrent_8_vs_sequential_8']:.2f}x and 32 at once "
+          f"{ratios['concurrent_32_vs_sequential_8']:.2f}x the time of 8 in a row")
+    report("app", device, ckpt=args.ckpt, pictures=args.pictures, max_batch=args.max_batch,
+           start_seconds=round(start_seconds, 1), **runs, **ratios)
+    lost = sum(run["requests"] - run["answered"] for run in runs.values())
+    if lost:
+        raise SystemExit(f"app: {lost} requests came back without their {args.pictures} pictures")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# everything a lent GPU should measure
+
+
+def bench_gpu(args: argparse.Namespace) -> None:
+    """Every GPU figure in one call, each part in its own process with a time limit so that a crash or a hang
+    costs only its part: the 5,000-caption run and its split, steps per batch size, VQGAN images/s, training
+    tokens/s, MFU and memory of the 16 GB recipe at batch 8, 16 and 32 (capped at 16 GiB), VQGAN fine-tuning,
+    and 200 steps of the recipe on the demo data. One table on stdout, everything in --out."""
+    recipe = "config/muge_16gb.py"
+    train_flags = ["--codebook_size", "16384", "--gpu_memory_gib", "16", "--device", "cuda", "--steps", "12"]
+    parts = [
+        ("vqgan", ["vqgan", "--device", "cuda", "--batch_size", "32", "--compile"], 60),
+        ("generate", ["generate", recipe, "--device", "cuda", "--vqgan", "f16_1024", "--limit", "0", "--batch_size",
+                      "256"], 150),
+        ("steps", ["steps", recipe, "--device", "cuda", "--batch_size", "1,64,256", "--compile", "--no_cache"], 90),
+        *((f"train{b}", ["train", recipe, *train_flags, f"--batch_size={b}",
+                          f"--gradient_accumulation_steps={32 // b}"], 75) for b in (8, 16, 32)),
+        ("vqgan-train", ["vqgan-train", "--device", "cuda", "--batch_size", "8", "--disc"], 45),
+    ]
+    results, started = [], time.perf_counter()
+    for name, argv, limit in parts:
+        left = args.budget - (time.perf_counter() - started)
+        if left < 20:
+            results.append({"part": name, "rc": None, "error": "skipped: out of time"})
+            continue
+        results.append(run_part(name, [sys.executable, str(ROOT / "bench.py"), *argv], min(limit, left)))
+    results.append(demo_training(args.budget - (time.perf_counter() - started)))
+    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    for r in results:
+        figures = {k: v for k, v in r.items() if k not in ("part", "machine", "log_tail")}
+        print(f"{r['part']:>12}: {json.dumps(figures)[:400]}")
+    print(f"bench gpu: {time.perf_counter() - started:.0f} s; all results in {args.out}")
+
+
+def run_part(name: str, command: list[str], limit: float) -> dict:
+    """Run one part; its RESULT line, or its return code and the tail of its log."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=limit, cwd=ROOT)
+        log, rc = done.stdout + done.stderr, done.returncode
+    except subprocess.TimeoutExpired as e:
+        log, rc = f"{e.stdout or ''}{e.stderr or ''}", "timeout"
+    found = [json.loads(line[7:]) for line in log.splitlines() if line.startswith("RESULT ")]
+    if not found:
+        return {"part": name, "rc": rc, "log_tail": log[-1500:]}
+    return {**found[-1], "part": name, "rc": rc, **({"more": found[:-1]} if len(found) > 1 else {})}
+
+
+def demo_training(budget: float) -> dict:
+    """The 16 GB recipe for 200 steps on the demo data (prepare.py's defaults): the loss must fall, never NaN."""
+    if budget < 60:
+        return {"part": "demo-train", "rc": None, "error": "skipped: out of time"}
+    with tempfile.TemporaryDirectory() as tmp:
+        os.symlink(ROOT / "assets", Path(tmp, "assets"))
+        steps = [[sys.executable, str(ROOT / "prepare.py")],
+                 [sys.executable, str(ROOT / "train.py"), str(ROOT / "config/muge_16gb.py"), "--data_dir=data/demo",
+                  "--out_dir=out", "--max_iters=200", "--eval_interval=100", "--log_interval=20", "--eval_iters=5",
+                  "--warmup_iters=20"]]
+        log, rc = "", 0
+        for command in steps:
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=budget, cwd=tmp)
+                log, rc = log + done.stdout + done.stderr, done.returncode
+            except subprocess.TimeoutExpired:
+                return {"part": "demo-train", "rc": "timeout", "log_tail": log[-1500:]}
+            if rc:
+                break
+    losses = [line for line in log.splitlines() if line.startswith(("step ", "iter "))]
+    return {"part": "demo-train", "rc": rc, "log": losses[-12:], **({} if not rc else {"log_tail": log[-1500:]})}
+
+
+# ----------------------------------------------------------------------------------------------------------
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parts = parser.add_subparsers(dest="part", required=True)
 
-    p = parts.add_parser("vqgan", help="VQGAN encode/decode images/s at full size")
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: best available)")
+    def add(name: str, run: Callable, help_text: str) -> argparse.ArgumentParser:
+        p = parts.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(run=run)
+        return p
+
+    p = add("gpu", bench_gpu, "every GPU figure in one call (needs CUDA)")
+    p.add_argument("--budget", type=float, default=480, help="seconds for all parts together (default: 480)")
+    p.add_argument("--out", default="bench_gpu.json", help="where the results go (default: bench_gpu.json)")
+
+    p = add("app", bench_app, "app.py under load: 8 requests in a row, then 8 and 32 at once over HTTP")
+    p.add_argument("--ckpt", default="out/best.pt", help="train.py checkpoint (default: out/best.pt, make demo's)")
+    p.add_argument("--max_batch", type=int, default=16, help="app.py --max_batch (default: 16)")
+    p.add_argument("--pictures", type=int, default=4, help="pictures per request (default: 4)")
+
+    p = add("vqgan", bench_vqgan, "VQGAN encode/decode images/s at full size")
     p.add_argument("--batch_size", type=int, default=8, help="images per call")
     p.add_argument("--image_size", type=int, default=256, help="square image side in pixels")
     p.add_argument("--n_embed", type=int, default=1024, help="codebook size (1024 or 16384 for the taming models)")
     p.add_argument("--decode_dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU)")
-    p.add_argument("--repeat", type=int, default=3, help="timed calls; the median is reported")
-    p.set_defaults(run=bench_vqgan)
+    p.add_argument("--compile", action="store_true", help="also time a compiled decoder")
 
-    p = parts.add_parser("vqgan-train", help="VQGAN training images/s (vqgan/train.py's step)")
-    p.add_argument("--ckpt", default=None,
-                   help="take the architecture and weights from this VQGAN checkpoint, e.g. assets/vqgan_demo.pt "
-                   "(default: the full-size f16 architecture with random weights)")
+    p = add("vqgan-train", bench_vqgan_train, "VQGAN training images/s (vqgan/train.py's step), full size")
     p.add_argument("--image_size", type=int, default=256, help="square image side in pixels")
     p.add_argument("--batch_size", type=int, default=8, help="images per step")
     p.add_argument("--disc", action="store_true", help="include the patch discriminator and its adaptive weight")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: best available)")
-    p.add_argument("--repeat", type=int, default=3, help="timed steps; the median is reported")
-    p.set_defaults(run=bench_vqgan_train)
 
-    p = parts.add_parser("train", help="train.py tokens/s on synthetic MUGE-shaped data; other flags go to train.py")
+    p = add("train", bench_train, "train.py tokens/s, MFU and memory on synthetic MUGE-shaped data; other flags go "
+            "to train.py")
     p.add_argument("config", nargs="?", help="a train.py recipe, e.g. config/tiny_cpu.py (none: the demo defaults)")
-    p.add_argument("--steps", type=int, default=20, help="optimizer steps; the first is left out of the mean")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps; the first interval is left out")
     p.add_argument("--rows", type=int, default=512, help="synthetic training rows")
     p.add_argument("--codebook_size", type=int, default=1024, help="codebook of the synthetic codes")
     p.add_argument("--grid", type=int, default=16, help="code grid side")
     p.add_argument("--text_len", type=int, default=64, help="caption tokens")
     p.add_argument("--text_vocab_size", type=int, default=5000, help="size of the synthetic char vocab")
-    p.add_argument("--gpu_memory_gib", type=float, default=0,
-                   help="on CUDA, cap the memory this process may use, e.g. 16 to stand in for a 16 GB card")
-    p.add_argument("--estimate_memory", action="store_true",
-                   help="also predict bf16 GPU memory at batch 1, 8, 16, 32 and this run's from CPU measurements")
-    p.set_defaults(run=bench_train)
+    p.add_argument("--gpu_memory_gib", type=float, default=0, help="on CUDA, cap this process's memory, e.g. 16 to "
+                   "stand in for a 16 GB card")
+    p.add_argument("--estimate_memory", action="store_true", help="also predict what a GPU needs at batch 1, 8, 16, "
+                   "32 from CPU measurements")
 
-    p = parts.add_parser("prepare", help="prepare.py rows/s and peak memory on generated MUGE-format TSVs")
+    p = add("prepare", bench_prepare, "prepare.py rows/s and peak memory on generated MUGE-format TSVs")
     p.add_argument("--vqgan", choices=["tiny", "f16_1024", "small"], default="tiny",
                    help="tiny: the taming fixture; f16_1024: full size, random weights; small: a random f4")
     p.add_argument("--rows", default="256", help="image rows; several comma-separated sizes run one after another")
@@ -512,41 +643,43 @@ def main() -> None:
     p.add_argument("--source_size", type=int, default=256, help="side of the generated JPEGs")
     p.add_argument("--batch_size", type=int, default=32, help="prepare.py --batch_size")
     p.add_argument("--num_workers", type=int, default=None, help="prepare.py --num_workers (default: its own)")
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: best available)")
-    p.set_defaults(run=bench_prepare)
 
-    p = parts.add_parser("generate", help="generate.py images/s and stage times on MUGE captions (random weights); "
-                         "--kv_cache_ratio: sampling step times with and without the KV cache")
-    p.add_argument("config", nargs="?", help="a train.py recipe for the GPT's shape, e.g. config/tiny_cpu.py or "
-                   "config/muge_16gb.py (none: the demo defaults)")
-    p.add_argument("--captions", default=None, help=f"img_id<TAB>caption TSV (default: {MUGE_CAPTIONS})")
-    p.add_argument("--limit", type=int, default=64, help="captions to generate for, the first ones (0: all)")
-    p.add_argument("--vqgan", choices=["tiny", "f16_1024", "small"], default="tiny",
-                   help="tiny: the taming fixture (f16, 1024 codes); f16_1024: full size, random weights; small: a "
-                   "random f4 with 64 codes (use --image_size 32)")
-    p.add_argument("--image_size", type=int, default=256, help="decoded image side; the code grid is this / the "
-                   "VQGAN's downsampling factor")
-    p.add_argument("--text_len", type=int, default=64, help="caption tokens")
-    p.add_argument("--batch_size", default="1,16", help="comma-separated batch sizes, each timed in turn")
-    p.add_argument("--cfg_scale", default="3", help="comma-separated guidance scales (1: no unconditional stream)")
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: best available)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--kv_cache_ratio", action="store_true",
-                   help="instead: time one sampling step with and without the KV cache at --prefixes, for the first "
-                   "--batch_size, and derive the ratio for a whole image")
-    p.add_argument("--prefixes", default="0,64,128,192,255", help="prefix lengths for --kv_cache_ratio")
-    p.add_argument("--codebook_size", type=int, default=16384, help="codebook for --kv_cache_ratio")
-    p.add_argument("--grid", type=int, default=16, help="code grid side for --kv_cache_ratio")
-    p.add_argument("--repeat", type=int, default=3, help="timed calls per step for --kv_cache_ratio (median)")
-    p.set_defaults(run=lambda args: (bench_kv_cache if args.kv_cache_ratio else bench_generate)(args))
+    for name, run, help_text in (("generate", bench_generate, "generate.py end to end on MUGE captions (random "
+                                  "weights): seconds and the split"),
+                                 ("steps", bench_steps, "seconds per decode step, eager and compiled, and the cache's "
+                                  "gain")):
+        p = add(name, run, help_text)
+        p.add_argument("config", nargs="?", help="a train.py recipe for the GPT's shape, e.g. config/muge_16gb.py")
+        p.add_argument("--batch_size", default="1,64,256" if name == "steps" else "32",
+                       help="comma-separated batch sizes, each timed in turn")
+        p.add_argument("--cfg_scale", type=float, default=3.0, help="guidance scale (1: no unconditional stream)")
+        p.add_argument("--text_len", type=int, default=64, help="caption tokens")
+        if name == "generate":
+            p.add_argument("--captions", default=None, help=f"img_id<TAB>caption TSV (default: {MUGE_CAPTIONS})")
+            p.add_argument("--limit", type=int, default=64, help="captions to draw, the first ones (0: all)")
+            p.add_argument("--vqgan", choices=["tiny", "f16_1024", "small"], default="tiny",
+                           help="tiny: the taming fixture; f16_1024: full size, random weights; small: a random f4 "
+                           "(use --image_size 32)")
+            p.add_argument("--image_size", type=int, default=256, help="decoded side; the code grid is this / the "
+                           "VQGAN's factor")
+            p.add_argument("--compile", choices=["true", "false"], default=None, help="generate.py --compile")
+        else:
+            p.add_argument("--codebook_size", type=int, default=16384, help="codebook of the GPT")
+            p.add_argument("--grid", type=int, default=16, help="code grid side")
+            p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on GPU, fp32 on CPU)")
+            p.add_argument("--compile", action="store_true", help="also time the compiled step")
+            p.add_argument("--no_cache", action="store_true", help="also time the uncached step and give the ratio")
+            p.add_argument("--repeat", type=int, default=3, help="timed calls per figure; the median is reported")
+    for name, p in parts.choices.items():
+        if "--device" not in p._option_string_actions and name != "train":  # train.py takes its own --device
+            p.add_argument("--device", default=None, help="cuda, cpu, ... (default: the best there is)")
+        if "--repeat" not in p._option_string_actions:
+            p.add_argument("--repeat", type=int, default=3, help="timed calls; the median is reported")
 
     args, rest = parser.parse_known_args()
     if args.part != "train" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.part == "train":
-        args.run(args, rest)
-    else:
-        args.run(args)
+    args.run(args, rest) if args.part == "train" else args.run(args)
 
 
 if __name__ == "__main__":

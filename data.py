@@ -4,7 +4,9 @@ The rules here are the ones prepare.py applies to every training image; generate
 same functions so that a prompt file or a real validation image is read exactly as prepare read it.
 
 A MUGE TSV has one row per line, `img_id \\t value`, where the value is a caption (`*.text.tsv`) or a base64
-image (`*.img.tsv`). Files may start with a UTF-8 BOM, use CRLF line ends and hold blank lines.
+image (`*.img.tsv`). Lines may start with a UTF-8 BOM (concatenated files have one on a later line), end in
+CRLF, and be blank. A caption that holds a tab keeps it as a space: the img_id before the first tab is
+unambiguous.
 """
 
 from __future__ import annotations
@@ -12,25 +14,34 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import os
 import struct
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from text import has_text
+from utils import UserError
+
 BOM = b"\xef\xbb\xbf"
 # MUGE images are about 100 KB of base64; a line this long is a broken file (a missing newline), and reading it
 # whole would defeat the bounded memory of streaming.
 MAX_LINE_BYTES = 64 * 1024 * 1024
-# Decoded pixels are held per worker: 40 M RGB pixels are 120 MB. Far above any product photo.
-MAX_IMAGE_PIXELS = 40_000_000
+# The formats product photos come in. Pillow's other plugins (EPS runs Ghostscript, for one) never see an
+# untrusted row.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# What decoding one image may cost, per worker: about twice its decoded pixels (the decoder's copy and one
+# conversion) plus the RGB result. 40 M RGB pixels, or a 16-bit grey image of 55 M, fit.
+MAX_DECODE_MB = 384
 RESIZE_MODES = ("pad", "crop")
 _URLSAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
 # Errors of a whole line: the img_id read from such a line cannot be trusted either.
-LINE_ERRORS = frozenset({"line too long", "malformed line", "img_id is not UTF-8", "empty img_id"})
+LINE_ERRORS = frozenset({"line too long", "malformed line", "bad img_id", "empty img_id"})
 
 
 class BadRowError(ValueError):
@@ -48,9 +59,8 @@ class BadRowError(ValueError):
 class TsvRow(NamedTuple):
     line_no: int  # 1-based physical line, blank lines included, so `sed -n <line_no>p` shows it
     img_id: str
-    value: bytes  # the second field, stripped; empty when `error` is set
+    value: bytes  # the rest of the line after the first tab, stripped; empty when `error` is set
     error: BadRowError | None
-    end_offset: int  # byte offset just past this line: where to resume reading
 
 
 class TextRow(NamedTuple):
@@ -60,76 +70,111 @@ class TextRow(NamedTuple):
     error: BadRowError | None
 
 
-def read_tsv(
-    path: str | os.PathLike, start_offset: int = 0, start_line: int = 0, max_line_bytes: int = MAX_LINE_BYTES
-) -> Iterator[TsvRow]:
+def read_tsv(path: str | os.PathLike, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[TsvRow]:
     """Stream the rows of a two-column TSV, one line in memory at a time; blank lines are skipped.
 
-    Unusable lines come back with `error` set instead of raising, so that one bad line costs one row. To resume,
-    pass a row's `end_offset` and `line_no` as `start_offset` and `start_line`.
+    Unusable lines come back with `error` set instead of raising, so that one bad line costs one row. A file
+    that is not line-separated UTF-8 at all (UTF-16, CR-only line ends) is a UserError before any row.
     """
     with open(path, "rb") as f:
-        f.seek(start_offset)
-        line_no = start_line
-        while True:
-            line = f.readline(max_line_bytes + 1)
-            if not line:
-                return
+        head = f.read(1 << 16)
+        if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+            raise UserError(f"{path} is UTF-16: convert it to UTF-8, e.g. `iconv -f UTF-16 -t UTF-8`")
+        # A CR before the end with no LF anywhere: CR-only line ends, in a small file (wholly in `head`) too.
+        if b"\n" not in head and b"\r" in head.rstrip(b"\r"):
+            raise UserError(f"{path} has CR-only line ends: convert them, e.g. `tr '\\r' '\\n'`")
+        f.seek(0)
+        line_no = 0
+        while line := f.readline(max_line_bytes + 1):
             line_no += 1
-            too_long = len(line) > max_line_bytes
-            if too_long:
-                _skip_rest_of_line(f)
-            if line_no == 1 and line.startswith(BOM):
-                line = line[len(BOM) :]
-            end_offset = f.tell()
-            if too_long:
+            if len(line) > max_line_bytes:
+                while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    pass
                 error = BadRowError("line too long", f"more than {max_line_bytes} bytes")
-                yield TsvRow(line_no, _printable_id(line.split(b"\t", 1)[0]), b"", error, end_offset)
+                yield TsvRow(line_no, _printable_id(line.split(b"\t", 1)[0]), b"", error)
                 continue
-            line = line.rstrip(b"\r\n")
-            if not line.strip():
-                continue
-            yield _split_row(line, line_no, end_offset)
+            line = line.removeprefix(BOM).rstrip(b"\r\n")
+            if line.strip():
+                yield _split_row(line, line_no)
 
 
-def read_text_tsv(path: str | os.PathLike) -> Iterator[TextRow]:
-    """Stream `img_id \\t caption` rows with captions decoded; empty or undecodable captions carry an error."""
-    for row in read_tsv(path):
-        if row.error is not None:
-            yield TextRow(row.line_no, row.img_id, "", row.error)
-            continue
-        try:
-            caption = row.value.decode("utf-8").strip()
-        except UnicodeDecodeError as e:
-            yield TextRow(row.line_no, row.img_id, "", BadRowError("caption is not UTF-8", str(e)))
-            continue
-        error = None if caption else BadRowError("empty caption")
-        yield TextRow(row.line_no, row.img_id, caption, error)
-
-
-def _split_row(line: bytes, line_no: int, end_offset: int) -> TsvRow:
-    fields = line.split(b"\t")
-    if len(fields) != 2:
-        error = BadRowError("malformed line", f"expected img_id<TAB>value, found {len(fields)} field(s)")
-        return TsvRow(line_no, _printable_id(fields[0]), b"", error, end_offset)
+def _split_row(line: bytes, line_no: int) -> TsvRow:
+    raw_id, tab, value = line.partition(b"\t")
+    if not tab:
+        return TsvRow(line_no, _printable_id(raw_id), b"", BadRowError("malformed line", "no tab after the img_id"))
     try:
-        img_id = fields[0].decode("utf-8").strip()
+        img_id = raw_id.decode("utf-8").strip()
     except UnicodeDecodeError:
-        return TsvRow(line_no, _printable_id(fields[0]), b"", BadRowError("img_id is not UTF-8"), end_offset)
+        return TsvRow(line_no, _printable_id(raw_id), b"", BadRowError("bad img_id", "not UTF-8"))
     if not img_id:
-        return TsvRow(line_no, "", b"", BadRowError("empty img_id"), end_offset)
-    return TsvRow(line_no, img_id, fields[1].strip(), None, end_offset)
-
-
-def _skip_rest_of_line(f: io.BufferedReader) -> None:
-    while chunk := f.readline(1 << 20):
-        if chunk.endswith(b"\n"):
-            return
+        return TsvRow(line_no, "", b"", BadRowError("empty img_id"))
+    # A line break (\r, U+2028, \x1c, ...) inside an id would split its line in every list of ids written.
+    if not img_id.isprintable():
+        return TsvRow(line_no, _printable_id(raw_id), b"", BadRowError("bad img_id", "control or line-break "
+                                                                         "characters"))
+    return TsvRow(line_no, img_id, value.strip(), None)
 
 
 def _printable_id(field: bytes) -> str:
     # For reports only: whatever stands where the img_id should be, short and on one line.
-    return field[:64].decode("utf-8", errors="replace").strip().replace("\r", " ")
+    text = field[:64].decode("utf-8", errors="replace")
+    return "".join(c if c.isprintable() else " " for c in text).strip()
+
+
+def read_text_tsv(path: str | os.PathLike) -> Iterator[TextRow]:
+    """Stream `img_id \\t caption` rows with captions decoded; empty or undecodable captions carry an error.
+
+    A file of which most lines are not UTF-8 is in another encoding: a UserError once it has been read.
+    """
+    rows = undecodable = 0
+    first_bad = None
+    for row in read_tsv(path):
+        rows += 1
+        if row.error is not None:
+            yield TextRow(row.line_no, row.img_id, "", row.error)
+            continue
+        try:
+            caption = row.value.decode("utf-8").replace("\t", " ").strip()
+        except UnicodeDecodeError as e:
+            undecodable += 1
+            first_bad = first_bad or row.line_no
+            yield TextRow(row.line_no, row.img_id, "", BadRowError("caption is not UTF-8", str(e)))
+            continue
+        yield TextRow(row.line_no, row.img_id, caption, None if caption else BadRowError("empty caption"))
+    if undecodable > rows / 2:
+        raise UserError(f"{path}: {undecodable} of {rows} captions are not UTF-8 (the first on line {first_bad}): "
+                        "the file is in another encoding, GBK or GB18030 most likely; convert it, e.g. "
+                        "`iconv -f GB18030 -t UTF-8`")
+
+
+class Caption(NamedTuple):
+    line_no: int
+    caption: str
+    error: BadRowError | None
+
+
+def read_captions(path: str | os.PathLike) -> tuple[dict[str, Caption], list[tuple[int, str, BadRowError]]]:
+    """All caption rows by img_id (the first of a repeated id wins), and the rejected rows in file order.
+
+    A rejected caption is kept in the dict too, so that its image row can say why it has no caption.
+    """
+    captions: dict[str, Caption] = {}
+    rejects: list[tuple[int, str, BadRowError]] = []
+    for row in read_text_tsv(path):
+        if row.error is not None and row.error.reason in LINE_ERRORS:
+            rejects.append((row.line_no, row.img_id, row.error))
+            continue
+        if row.img_id in captions:
+            first = captions[row.img_id].line_no
+            rejects.append((row.line_no, row.img_id, BadRowError("duplicate img_id", f"first at line {first}")))
+            continue
+        error = row.error
+        if error is None and not has_text(row.caption):
+            error = BadRowError("empty caption", "nothing but spaces and control characters")
+        if error is not None:
+            rejects.append((row.line_no, row.img_id, error))
+        captions[row.img_id] = Caption(row.line_no, row.caption, error)
+    return captions, rejects
 
 
 # --- images ----------------------------------------------------------------------------------------------------
@@ -148,31 +193,34 @@ def decode_base64(field: bytes) -> bytes:
         raise BadRowError("invalid base64", str(e)) from None
 
 
-def open_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+# Pillow reports truncated and corrupt files with all of these, depending on the format.
+_PILLOW_READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
+
+
+def open_image(data: bytes, max_decode_mb: float = MAX_DECODE_MB) -> Image.Image:
     """Encoded image bytes -> a fully decoded RGB image, EXIF orientation applied, transparency over white."""
     try:
         with warnings.catch_warnings():
-            # Pillow warns between its limit and twice it; our own `max_pixels` check below decides instead.
+            # Pillow warns between its limit and twice it; our own memory bound below decides instead.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as e:
         raise BadRowError("decompression bomb", str(e)) from None
     except UnidentifiedImageError:
-        raise BadRowError("not an image", f"{len(data)} bytes in no format Pillow reads") from None
+        raise BadRowError("not an image", f"{len(data)} bytes in none of {', '.join(IMAGE_FORMATS)}") from None
     except _PILLOW_READ_ERRORS as e:
         raise BadRowError("truncated or corrupt image", str(e) or type(e).__name__) from None
     width, height = image.size
-    if width * height > max_pixels:
-        raise BadRowError("decompression bomb", f"{width}x{height} pixels is more than {max_pixels}")
+    bits = 1 if image.mode == "1" else 16 if "16" in image.mode else 32 if image.mode in ("I", "F") else 8
+    needs_mb = width * height * (2 * bits * len(image.getbands()) / 8 + 3) / 2**20
+    if needs_mb > max_decode_mb:
+        raise BadRowError("decompression bomb", f"{width}x{height} {image.mode} pixels would take {needs_mb:.0f} MB "
+                          f"to decode, more than {max_decode_mb:g}")
     try:
         image.load()
     except _PILLOW_READ_ERRORS as e:
         raise BadRowError("truncated or corrupt image", str(e) or type(e).__name__) from None
     return to_rgb(_apply_exif_orientation(image))
-
-
-# Pillow reports truncated and corrupt files with all of these, depending on the format.
-_PILLOW_READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
 
 
 def _apply_exif_orientation(image: Image.Image) -> Image.Image:
@@ -202,11 +250,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _to_8bit_gray(image: Image.Image) -> Image.Image:
-    # Pillow's own conversion clips 16-bit values at 255 instead of scaling them.
-    # Float images have no agreed range: they are taken as 0..255. Integer ones as 16-bit: 65535 -> 255.
-    values = np.asarray(image, dtype=np.float64)
-    scaled = values if image.mode == "F" else values / 257.0
-    return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8))
+    # Pillow's own conversion clips 16-bit values at 255 instead of scaling them. Float images have no agreed
+    # range: they are taken as 0..255. Integer ones as 16-bit, 65535 -> 255, rounded in integers. Strips of
+    # rows, so that the temporaries (and np.asarray's copy) stay small whatever the image's size.
+    gray = np.empty((image.height, image.width), dtype=np.uint8)
+    for top in range(0, image.height, 256):
+        values = np.asarray(image.crop((0, top, image.width, min(top + 256, image.height))))
+        if image.mode == "F":
+            gray[top : top + len(values)] = np.clip(np.round(values), 0, 255)
+        else:
+            quotient, remainder = np.divmod(values, 257)
+            gray[top : top + len(values)] = np.clip(quotient + (remainder >= 129), 0, 255)
+    return Image.fromarray(gray)
 
 
 def fit_to_square(image: Image.Image, size: int, resize: str = "pad") -> Image.Image:
@@ -243,7 +298,61 @@ def _edge_colour(image: Image.Image, pad_sides: bool) -> tuple[int, int, int]:
     return tuple(int(v) for v in np.round(median))
 
 
-def image_from_base64(field: bytes, size: int, resize: str = "pad", max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+def image_from_base64(field: bytes, size: int, resize: str = "pad", max_decode_mb: float = MAX_DECODE_MB
+                      ) -> np.ndarray:
     """A base64 image field -> uint8 [size, size, 3], exactly as prepare.py feeds the VQGAN; raises BadRowError."""
-    image = fit_to_square(open_image(decode_base64(field), max_pixels), size, resize)
+    image = fit_to_square(open_image(decode_base64(field), max_decode_mb), size, resize)
     return np.asarray(image, dtype=np.uint8)
+
+
+# --- prepare.py's outputs --------------------------------------------------------------------------------------
+
+
+def read_meta(data_dir: str | os.PathLike) -> dict:
+    """A prepare.py output dir's meta.json, checked for what train.py and evaluate.py read from it."""
+    path = Path(data_dir) / "meta.json"
+    if not Path(data_dir).is_dir():
+        raise UserError(f"data dir {data_dir} does not exist: run prepare.py first, or pass --data_dir")
+    if not path.is_file():
+        raise UserError(f"{data_dir} has no meta.json, so it is not a prepare.py output dir: run prepare.py "
+                        f"--out_dir {data_dir}, or pass the right --data_dir")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+    expected = {"code_grid": list, "codebook_size": int, "text_len": int, "tokenizer": str, "image_size": int}
+    wrong = [key for key, kind in expected.items() if not isinstance(meta.get(key), kind)]
+    if wrong:
+        raise UserError(f"{path}: {', '.join(wrong)} missing or of the wrong type; run prepare.py again")
+    return meta
+
+
+def open_split(data_dir: str | os.PathLike, split: str, meta: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """The (codes [N, rows*cols], text ids [N, text_len]) memmaps of a split, or None when it has no rows."""
+    rows, cols = meta["code_grid"]
+    arrays = []
+    for kind, width in (("img", rows * cols), ("txt", meta["text_len"])):
+        path = Path(data_dir) / f"{split}.{kind}.bin"
+        if not path.is_file():
+            raise UserError(f"{path} is missing: run prepare.py again for {data_dir}")
+        size = path.stat().st_size
+        if size % (2 * width):
+            raise UserError(f"{path}: {size} bytes is not a whole number of uint16 rows of {width}")
+        n = size // (2 * width)
+        arrays.append(np.memmap(path, dtype=np.uint16, mode="r", shape=(n, width)) if n else None)
+    codes, text = arrays
+    if (0 if codes is None else len(codes)) != (0 if text is None else len(text)):
+        raise UserError(f"{data_dir}: {split}.img.bin and {split}.txt.bin hold different numbers of rows")
+    return None if codes is None else (codes, text)
+
+
+def check_ids(data_dir: str | os.PathLike, split: str, data: tuple[np.ndarray, np.ndarray], codebook_size: int,
+              text_vocab_size: int) -> None:
+    """Out-of-range ids would crash deep inside an embedding lookup; catch them here by row."""
+    for kind, array, limit in (("img", data[0], codebook_size), ("txt", data[1], text_vocab_size)):
+        row_max = array.max(axis=1)
+        if row_max.max() >= limit:
+            row = int(np.argmax(row_max >= limit))
+            what = "codebook_size" if kind == "img" else "the text encoder's vocab size"
+            raise UserError(f"{data_dir}/{split}.{kind}.bin row {row}: id {row_max[row]} >= {what} {limit}; the data "
+                            "and meta.json disagree, run prepare.py again")

@@ -1,4 +1,4 @@
-"""The text-conditioned GPT over VQGAN codes.
+"""The text-conditioned GPT over VQGAN codes, and its sampler.
 
 An image is the row-major sequence of its VQGAN codes. The GPT predicts code t from a start token and codes
 0..t-1; every block attends causally to the codes so far, then to the caption's encoded tokens (a
@@ -13,50 +13,47 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from utils import setting
 from vqgan import CheckpointError, load_checkpoint_file
 
 PAD_ID = 0  # prepare.py right-pads captions with 0; a caption of nothing but padding is "no caption"
 
 
-def setting(default: Any, help_text: str) -> Any:
-    """A dataclass field with the help text that train.py shows for its flag."""
-    return field(default=default, metadata={"help": help_text})
-
-
 @dataclass
 class GPTConfig:
-    # image side: set from the data dir's meta.json by train.py
-    codebook_size: int = setting(1024, "VQGAN codebook size (from meta.json)")
-    grid_rows: int = setting(16, "rows of the code grid (from meta.json)")
-    grid_cols: int = setting(16, "columns of the code grid (from meta.json)")
-    # the GPT (the defaults are the CPU demo's size; config/ has the real recipes)
+    """the model (the GPT's, and the scorer's where they apply: n_layer, n_head, n_embd, dropout, text_*)"""
+
+    # what the data dictates: train.py takes it from the data dir's meta.json
+    codebook_size: int = 1024
+    grid_rows: int = 16
+    grid_cols: int = 16
+    text_len: int = 64
+    text_encoder: str = ""  # a Hugging Face name or folder: the pretrained encoder of prepare's --text_tokenizer
+    text_vocab_size: int = 0  # the size of the char vocab of a from-scratch encoder
+    # The encoder's own transformers config, filled in when the model is built. Keeping it here rebuilds the
+    # model from a checkpoint without the network or the Hugging Face cache.
+    text_config: dict | None = None
+    # the model (the defaults are the CPU demo's size; config/ has the real recipes)
     n_layer: int = setting(4, "transformer blocks")
     n_head: int = setting(4, "attention heads; must divide n_embd")
-    n_embd: int = setting(256, "width of the GPT")
-    dropout: float = setting(0.0, "dropout in the GPT (and a from-scratch text encoder)")
+    n_embd: int = setting(256, "width of the model")
+    dropout: float = setting(0.0, "dropout in the model (and in a from-scratch text encoder)")
     bias: bool = setting(False, "biases in linear layers and layer norms")
-    # the text side
-    text_len: int = setting(64, "caption tokens per row (from meta.json)")
-    text_encoder: str = setting("", "Hugging Face name or folder of a pretrained encoder; empty: a BertModel "
-                                "trained from scratch over the data dir's vocab.txt (from meta.json)")
-    text_vocab_size: int = setting(0, "size of the char vocab (from meta.json)")
     text_n_layer: int = setting(2, "layers of the from-scratch text encoder")
     text_n_head: int = setting(4, "heads of the from-scratch text encoder")
     text_n_embd: int = setting(128, "width of the from-scratch text encoder")
-    text_finetune_layers: int = setting(0, "pretrained encoder: train its top k layers (0 frozen, -1 all)")
-    # The encoder's own transformers config, filled in when the model is built. Keeping it here rebuilds the
-    # model from a checkpoint without the network or the Hugging Face cache.
-    text_config: dict | None = setting(None, "transformers config of the text encoder")
-    cond_drop: float = setting(0.1, "probability of training on the null caption (for guidance)")
-    activation_checkpointing: bool = setting(False, "recompute activations in the backward pass to save memory")
+    text_finetune_layers: int = setting(0, "a pretrained text encoder: train its top k layers (0 frozen, -1 all)")
+    cond_drop: float = setting(0.1, "GPT: probability of training on the null caption (for guidance)")
+    activation_checkpointing: bool = setting(False, "GPT: recompute activations in the backward pass to save memory")
 
     def __post_init__(self) -> None:
         problems = []
@@ -164,29 +161,21 @@ def set_text_finetuning(encoder: nn.Module, finetune_layers: int) -> None:
             layer.requires_grad_(True)
 
 
+def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A [B, L] mask of tokens to attend to as an additive bias [B, 1, 1, L] (0 or very negative) in `dtype`:
+    built once per batch, it lets SDPA pick its fused kernels, which a boolean mask can rule out."""
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return bias[:, None, None, :]
+
+
+def compute_dtype(reference: torch.Tensor) -> torch.dtype:
+    """The dtype that matmuls run in here: autocast's when it is on, else the tensor's own."""
+    device = reference.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else reference.dtype
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the GPT
-
-
-class KVCache:
-    """Self-attention keys and values of the codes generated so far, for one block."""
-
-    def __init__(self, max_len: int):
-        self.max_len = max_len
-        self.length = 0
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k is None:
-            # Allocated on first use so that it takes the dtype autocast gives the keys.
-            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
-            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
-        end = self.length + k.shape[2]
-        self.k[:, :, self.length : end] = k
-        self.v[:, :, self.length : end] = v
-        self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class SelfAttention(nn.Module):
@@ -198,18 +187,18 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: DecodeCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.qkv(x).split(C, 2))
-        causal = True
-        if cache is not None:
-            if cache.length and T > 1:
-                raise ValueError("the KV cache takes one token at a time once it holds some")
-            # Every cached position precedes the new token, so one new token needs no mask.
-            causal = cache.length == 0 and T > 1
-            k, v = cache.append(k, v)
-        dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal)
+        if cache is None:
+            dropout = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        else:
+            # One new token: its keys and values go into the static cache at `pos`, and it attends to every
+            # slot written so far; the slots after it hold stale values and are masked out.
+            cache.k.index_copy_(2, cache.pos, k)
+            cache.v.index_copy_(2, cache.pos, v)
+            y = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=cache.visible)
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -224,17 +213,25 @@ class CrossAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def text_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the text; generation computes them once per prompt."""
+        """Keys and values of the text [B, n_head, L, head_dim]; sampling computes them once per prompt."""
         B, L, C = context.shape
         k, v = self.kv(context).split(C, 2)
         return tuple(t.view(B, L, self.n_head, C // self.n_head).transpose(1, 2) for t in (k, v))
 
-    def forward(self, x: torch.Tensor, text_kv: tuple[torch.Tensor, torch.Tensor], text_mask: torch.Tensor
-                ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, text_kv: tuple[torch.Tensor, torch.Tensor], text_bias: torch.Tensor,
+                null_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """`null_kv` (sampling with guidance): rows past those of `text_kv` are the unconditional stream, and
+        attend to the null caption's keys and values, held once for all of them rather than once per row."""
         B, T, C = x.shape
         q = self.q(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, *text_kv, attn_mask=text_mask, dropout_p=dropout)
+        rows = text_kv[0].shape[0]
+        y = F.scaled_dot_product_attention(q[:rows], *text_kv, attn_mask=text_bias, dropout_p=dropout)
+        if null_kv is not None:
+            # Each unconditional row has one query (T == 1): laid out as one row of B queries, they all read
+            # the single null caption without copying it B times.
+            y_null = F.scaled_dot_product_attention(q[rows:].transpose(0, 2), *null_kv).transpose(0, 2)
+            y = torch.cat([y, y_null])
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -259,14 +256,17 @@ class Block(nn.Module):
         self.ln_3 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, text_kv: tuple[torch.Tensor, torch.Tensor], text_mask: torch.Tensor,
-                cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, text_kv: tuple[torch.Tensor, torch.Tensor], text_bias: torch.Tensor,
+                cache: DecodeCache | None = None, null_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> torch.Tensor:
         x = x + self.self_attn(self.ln_1(x), cache)
-        x = x + self.cross_attn(self.ln_2(x), text_kv, text_mask)
+        x = x + self.cross_attn(self.ln_2(x), text_kv, text_bias, null_kv)
         return x + self.mlp(self.ln_3(x))
 
 
-class GPT(nn.Module):
+class CaptionModel(nn.Module):
+    """What the GPT and the scorer share: the caption encoder, projected to the model's width."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -274,41 +274,12 @@ class GPT(nn.Module):
         if config.text_encoder:
             set_text_finetuning(self.text_encoder, config.text_finetune_layers)
         self.text_proj = nn.Linear(self.text_encoder.config.hidden_size, config.n_embd, bias=config.bias)
-        self.null_context = nn.Parameter(torch.zeros(config.text_len, config.n_embd))
-        # The extra last row is the start token that every image begins from.
-        self.code_emb = nn.Embedding(config.codebook_size + 1, config.n_embd)
-        self.row_emb = nn.Embedding(config.grid_rows, config.n_embd)
-        self.col_emb = nn.Embedding(config.grid_cols, config.n_embd)
-        self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.head = nn.Linear(config.n_embd, config.codebook_size, bias=False)
-        self._init_weights()
-
-    @property
-    def start_token(self) -> int:
-        return self.config.codebook_size
 
     @property
     def text_trainable(self) -> bool:
         return any(p.requires_grad for p in self.text_encoder.parameters())
 
-    def _init_weights(self) -> None:
-        # The text encoder keeps its own (possibly pretrained) weights.
-        for name, module in self.named_modules():
-            if name.startswith("text_encoder"):
-                continue
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-        nn.init.normal_(self.null_context, mean=0.0, std=0.02)
-        # Residual projections scaled down so the residual stream's variance stays put as depth grows.
-        for name, param in self.named_parameters():
-            if name.startswith("blocks.") and name.endswith("proj.weight"):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(3 * self.config.n_layer))
-
-    def train(self, mode: bool = True) -> GPT:
+    def train(self, mode: bool = True) -> CaptionModel:
         super().train(mode)
         # A frozen encoder stays in eval mode: its dropout would only add noise to fixed features.
         if not self.text_trainable:
@@ -318,6 +289,42 @@ class GPT(nn.Module):
     def num_params(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
+    def text_states(self, text_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected text states [B, L, n_embd] and the mask of real (not padding) tokens [B, L]."""
+        text_ids = text_ids.long()
+        if text_ids.shape[1] > self.config.text_len:
+            raise ValueError(f"captions of {text_ids.shape[1]} tokens, but the model takes at most text_len "
+                             f"{self.config.text_len}")
+        mask = text_ids != PAD_ID
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_trainable):
+            hidden = self.text_encoder(input_ids=text_ids, attention_mask=mask.long()).last_hidden_state
+        return self.text_proj(hidden), mask
+
+    def text_flops(self) -> int:
+        """Training FLOPs of the caption encoder per caption: 6 per trained weight and token, 2 per frozen one."""
+        return sum((6 if p.requires_grad else 2) * self.config.text_len * p.numel()
+                   for name, p in self.text_encoder.named_parameters() if p.dim() == 2 and "embeddings" not in name)
+
+
+class GPT(CaptionModel):
+    def __init__(self, config: GPTConfig):
+        super().__init__(config)
+        self.null_context = nn.Parameter(torch.zeros(config.text_len, config.n_embd))
+        # The extra last row is the start token that every image begins from.
+        self.code_emb = nn.Embedding(config.codebook_size + 1, config.n_embd)
+        self.row_emb = nn.Embedding(config.grid_rows, config.n_embd)
+        self.col_emb = nn.Embedding(config.grid_cols, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.head = nn.Linear(config.n_embd, config.codebook_size, bias=False)
+        init_weights(self, config.n_layer)
+        nn.init.normal_(self.null_context, mean=0.0, std=0.02)
+
+    @property
+    def start_token(self) -> int:
+        return self.config.codebook_size
+
     # --- forward ------------------------------------------------------------------------------------------
 
     def encode_text(self, text_ids: torch.Tensor, drop_caption: torch.Tensor | None = None
@@ -326,38 +333,18 @@ class GPT(nn.Module):
 
         Rows with no tokens, and rows where `drop_caption` is set, get the learned null context instead.
         """
-        text_ids = text_ids.long()
-        length = text_ids.shape[1]
-        if length > self.config.text_len:
-            raise ValueError(f"captions of {length} tokens, but the model takes at most text_len "
-                             f"{self.config.text_len}")
-        mask = text_ids != PAD_ID
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_trainable):
-            hidden = self.text_encoder(input_ids=text_ids, attention_mask=mask.long()).last_hidden_state
-        context = self.text_proj(hidden)
+        context, mask = self.text_states(text_ids)
         use_null = ~mask.any(1)
         if drop_caption is not None:
             use_null = use_null | drop_caption
         # torch.where keeps null_context in the graph even when no row picks it, which DDP requires.
-        context = torch.where(use_null[:, None, None], self.null_context[:length], context)
+        context = torch.where(use_null[:, None, None], self.null_context[: mask.shape[1]].to(context.dtype), context)
         return context, mask | use_null[:, None]
 
-    def embed_codes(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Input tokens at sequence positions start.. ; each position carries the grid cell it predicts."""
-        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+    def embed_codes(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Input tokens [B, T] at sequence `positions` [T]; each position carries the grid cell it predicts."""
         rows, cols = positions // self.config.grid_cols, positions % self.config.grid_cols
         return self.drop(self.code_emb(tokens) + self.row_emb(rows) + self.col_emb(cols))
-
-    def run_blocks(self, x: torch.Tensor, text_kv: list[tuple[torch.Tensor, torch.Tensor]],
-                   text_mask: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
-        attn_mask = text_mask[:, None, None, :]  # broadcast over heads and queries
-        recompute = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for i, block in enumerate(self.blocks):
-            if recompute:
-                x = checkpoint(block, x, text_kv[i], attn_mask, use_reentrant=False)
-            else:
-                x = block(x, text_kv[i], attn_mask, None if caches is None else caches[i])
-        return self.head(self.ln_f(x))
 
     def forward(self, codes: torch.Tensor, text_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, T, codebook_size] for codes [B, T] (T up to rows*cols) given captions, and the loss."""
@@ -368,113 +355,218 @@ class GPT(nn.Module):
         if self.training and self.config.cond_drop > 0:
             drop = torch.rand(B, device=codes.device) < self.config.cond_drop
         context, mask = self.encode_text(text_ids, drop)
-        text_kv = [block.cross_attn.text_kv(context) for block in self.blocks]
+        text_bias = attention_bias(mask, compute_dtype(context))
         start = torch.full((B, 1), self.start_token, dtype=torch.long, device=codes.device)
-        x = self.embed_codes(torch.cat([start, codes[:, :-1]], dim=1))
-        logits = self.run_blocks(x, text_kv, mask)
+        x = self.embed_codes(torch.cat([start, codes[:, :-1]], dim=1), torch.arange(n_codes, device=codes.device))
+        recompute = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            text_kv = block.cross_attn.text_kv(context)
+            x = checkpoint(block, x, text_kv, text_bias, use_reentrant=False) if recompute else block(
+                x, text_kv, text_bias)
+        logits = self.head(self.ln_f(x))
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), codes.reshape(-1))
         return logits, loss
 
-    # --- sampling -----------------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def generate(
-        self,
-        text_ids: torch.Tensor,
-        cfg_scale: float = 1.0,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Sample one image's codes per caption.
-
-        text_ids: [B, L] token ids (any integer dtype, uint16 included), 0 = padding, L <= text_len; a row of
-            nothing but padding asks for an unconditional image.
-        cfg_scale: classifier-free guidance, logits = uncond + cfg_scale * (cond - uncond); 1 is plain
-            conditional sampling and skips the unconditional stream.
-        temperature: 0 picks the most likely code; top_k / top_p: keep the k most likely codes / the
-            smallest set holding probability top_p (None: no cut).
-        generator: makes the draw reproducible; it may live on the CPU or on the model's device.
-        Returns LongTensor [B, grid_rows, grid_cols] of codes, ready for `VQGAN.decode`.
-        Runs in whatever precision the caller's autocast gives; the model is in eval mode meanwhile.
-        """
-        device = self.head.weight.device
-        B = text_ids.shape[0]
-        guided = cfg_scale != 1.0
-        text_ids = text_ids.to(device).long()
-        if guided:  # the unconditional stream rides in the same batch, after the conditional one
-            text_ids = torch.cat([text_ids, torch.zeros_like(text_ids)])
-        was_training = self.training
-        self.eval()
-        try:
-            context, mask = self.encode_text(text_ids)
-            text_kv = [block.cross_attn.text_kv(context) for block in self.blocks]
-            caches = [KVCache(self.config.block_size) for _ in self.blocks]
-            codes = torch.empty(B, self.config.block_size, dtype=torch.long, device=device)
-            token = torch.full((text_ids.shape[0], 1), self.start_token, dtype=torch.long, device=device)
-            for t in range(self.config.block_size):
-                logits = self.run_blocks(self.embed_codes(token, start=t), text_kv, mask, caches)[:, -1].float()
-                if guided:
-                    cond, uncond = logits.chunk(2)
-                    logits = uncond + cfg_scale * (cond - uncond)
-                codes[:, t] = sample_logits(logits, temperature, top_k, top_p, generator)
-                token = codes[:, t : t + 1].repeat(2 if guided else 1, 1)
-        finally:
-            self.train(was_training)
-        return codes.view(B, self.config.grid_rows, self.config.grid_cols)
-
-    # --- training helpers ---------------------------------------------------------------------------------
-
-    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas: tuple[float, float],
-                             device_type: str) -> torch.optim.AdamW:
-        """AdamW over the trainable parameters; only the weights of linear layers decay.
-
-        Norm gains, biases, embeddings and the null context are left undecayed: pulling them to zero
-        fights what they represent rather than regularising.
-        """
-        decay, no_decay = [], []
-        for module in self.modules():
-            for name, param in module.named_parameters(recurse=False):
-                if param.requires_grad:
-                    (decay if isinstance(module, nn.Linear) and name == "weight" else no_decay).append(param)
-        groups = [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
-
     def flops_per_sample(self) -> float:
-        """Training FLOPs (forward + backward) for one image and caption.
-
-        6 per weight per token it touches for trained matmuls (2 forward, 4 backward), 2 for frozen ones;
-        attention scores count as in the PaLM paper's appendix B (the whole causal square).
-        """
+        """Training FLOPs (forward + backward) for one image and caption: 6 per weight per token it touches for
+        trained matmuls (2 forward, 4 backward); attention scores as in the PaLM paper's appendix B."""
         cfg = self.config
         T, L, C = cfg.block_size, cfg.text_len, cfg.n_embd
         per_code = cfg.n_layer * 14 * C * C + C * cfg.codebook_size  # qkv, proj, cross q and proj, mlp; head
         per_text = cfg.n_layer * 2 * C * C + self.text_proj.weight.numel()  # cross-attention keys and values
-        gpt = 6 * (T * per_code + L * per_text) + 12 * cfg.n_layer * C * T * (T + L)
-        text = 0
-        for name, param in self.text_encoder.named_parameters():
-            if param.dim() == 2 and "embeddings" not in name:
-                text += (6 if param.requires_grad else 2) * L * param.numel()
-        return float(gpt + text)
-
-    def estimate_mfu(self, samples_per_iter: int, dt: float, peak_flops: float) -> float:
-        """Model FLOPs utilisation: achieved training FLOP/s over the device's peak."""
-        return self.flops_per_sample() * samples_per_iter / dt / peak_flops
+        return float(6 * (T * per_code + L * per_text) + 12 * cfg.n_layer * C * T * (T + L) + self.text_flops())
 
 
-def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One draw per row of logits [B, V]; returns LongTensor [B]."""
+def init_weights(model: nn.Module, n_layer: int) -> None:
+    """Small normal weights, zero biases; the text encoder keeps its own (possibly pretrained) weights.
+    Residual projections are scaled down so the residual stream's variance stays put as depth grows."""
+    for name, module in model.named_modules():
+        if not name.startswith("text_encoder") and isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+    for name, param in model.named_parameters():
+        if name.startswith("blocks.") and name.endswith("proj.weight"):
+            nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(3 * n_layer))
+
+
+def adamw(model: nn.Module, weight_decay: float, learning_rate: float, betas: tuple[float, float],
+          device_type: str) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; only the weights of linear layers decay.
+
+    Norm gains, biases, embeddings and the null context are left undecayed: pulling them to zero fights what
+    they represent rather than regularising.
+    """
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if param.requires_grad:
+                (decay if isinstance(module, nn.Linear) and name == "weight" else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sampling
+
+
+@dataclass
+class DecodeCache:
+    """One block's view of the sampler's static cache for the token being decoded."""
+
+    k: torch.Tensor  # [rows, n_head, block_size, head_dim]
+    v: torch.Tensor
+    pos: torch.Tensor  # [1]: the position being decoded
+    visible: torch.Tensor  # [1, block_size] bool: the slots written so far, this one included
+
+
+class Sampler(nn.Module):
+    """Draws code grids for batches of up to `batch_size` captions.
+
+    Everything the decode step reads or writes is allocated here once, for `batch_size` rows and the whole
+    grid: the self-attention caches (per row, for the conditional and the unconditional stream), the
+    captions' cross-attention keys and values, and the null caption's, held once for all unconditional rows.
+    The step is then a function of tensors alone, position included, so that compiled (`compile=True`) one
+    graph serves every position of every batch; on CUDA it replays as a CUDA graph. A short batch is padded.
+
+    `cfg_scale`: logits = uncond + cfg_scale * (cond - uncond); 1 is plain conditional sampling (no
+    unconditional stream), 0 unconditional. `temperature` 0 takes the most likely code; `top_k` / `top_p`
+    keep the k most likely codes / the smallest set holding probability top_p. The model samples in the
+    dtype of its weights and is put in eval mode.
+    """
+
+    def __init__(self, model: GPT, batch_size: int, cfg_scale: float = 3.0, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, compile: bool = False):
+        super().__init__()
+        self.model = model.eval()
+        cfg = model.config
+        weight = model.head.weight
+        self.batch_size, self.cfg_scale = batch_size, cfg_scale
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.guided = cfg_scale not in (0.0, 1.0)
+        rows = 2 * batch_size if self.guided else batch_size
+        head_dim = cfg.n_embd // cfg.n_head
+
+        def buffer(name: str, *shape: int, dtype: torch.dtype = weight.dtype) -> None:
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=weight.device), persistent=False)
+
+        buffer("k", cfg.n_layer, rows, cfg.n_head, cfg.block_size, head_dim)
+        buffer("v", cfg.n_layer, rows, cfg.n_head, cfg.block_size, head_dim)
+        buffer("text_k", cfg.n_layer, batch_size, cfg.n_head, cfg.text_len, head_dim)
+        buffer("text_v", cfg.n_layer, batch_size, cfg.n_head, cfg.text_len, head_dim)
+        buffer("text_bias", batch_size, 1, 1, cfg.text_len)
+        buffer("keys", batch_size, dtype=torch.long)
+        buffer("pmi", batch_size, dtype=torch.float32)
+        buffer("tokens", batch_size, dtype=torch.long)
+        buffer("pos", 1, dtype=torch.long)
+        with torch.no_grad():
+            null = model.null_context[None]
+            self.register_buffer("null_k", torch.stack([b.cross_attn.text_kv(null)[0] for b in model.blocks]), False)
+            self.register_buffer("null_v", torch.stack([b.cross_attn.text_kv(null)[1] for b in model.blocks]), False)
+        self.step = self.decode_step
+        if compile:
+            # Without CUDA, inductor's C++ code for the CPU; the graph and its guards are the same.
+            mode = "reduce-overhead" if weight.device.type == "cuda" else None
+            self.step = torch.compile(self.decode_step, fullgraph=True, dynamic=False, mode=mode)
+
+    def logits(self, tokens: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Float logits [batch_size, codebook_size] of the conditional stream and, when guided, of the
+        unconditional one, for the code at `pos` after `tokens` [batch_size] at pos - 1 (the start token at 0).
+        Writes this position into the caches."""
+        model = self.model
+        x = model.embed_codes(tokens[:, None], pos)
+        if self.guided:
+            x = torch.cat([x, x])
+        visible = (torch.arange(model.config.block_size, device=pos.device) <= pos)[None]
+        for i, block in enumerate(model.blocks):
+            cache = DecodeCache(self.k[i], self.v[i], pos, visible)
+            null_kv = (self.null_k[i], self.null_v[i]) if self.guided else None
+            x = block(x, (self.text_k[i], self.text_v[i]), self.text_bias, cache, null_kv)
+        logits = model.head(model.ln_f(x))[:, -1].float()
+        return tuple(logits.chunk(2)) if self.guided else (logits, None)
+
+    def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The next code of every row, drawn on the device with the rows' random keys (no host sync). Guided,
+        it also adds log p(code | caption) - log p(code | no caption) to `self.pmi`: how much more likely the
+        caption makes the picture, the GPT's own score for best-of-N."""
+        cond, uncond = self.logits(tokens, pos)
+        logits = cond if uncond is None else uncond + self.cfg_scale * (cond - uncond)
+        noise = exponential_noise(self.keys, pos * self.model.config.codebook_size, self.model.config.codebook_size)
+        codes = draw(logits, noise, self.temperature, self.top_k, self.top_p)
+        if uncond is not None:
+            picked = codes[:, None]
+            self.pmi += (cond.log_softmax(-1).gather(1, picked) - uncond.log_softmax(-1).gather(1, picked))[:, 0]
+        return codes
+
+    @torch.no_grad()
+    def prefill(self, text_ids: torch.Tensor) -> None:
+        """Encode a batch of captions [batch_size, L <= text_len] into the cross-attention buffers."""
+        padded = torch.zeros(self.batch_size, self.model.config.text_len, dtype=torch.long, device=self.pos.device)
+        if self.cfg_scale != 0:
+            padded[:, : text_ids.shape[1]] = text_ids
+        context, mask = self.model.encode_text(padded)
+        self.text_bias.copy_(attention_bias(mask, self.text_bias.dtype))
+        for i, block in enumerate(self.model.blocks):
+            k, v = block.cross_attn.text_kv(context)
+            self.text_k[i].copy_(k)
+            self.text_v[i].copy_(v)
+
+    @torch.no_grad()
+    def sample(self, text_ids: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Codes [n, grid_rows, grid_cols] for captions `text_ids` [n <= batch_size, L] (0 = padding; a row of
+        padding asks for an unconditional image), each row drawn with the random numbers of its key [n]
+        (`row_keys`): the same key, caption and settings give the same picture, whatever else is in the batch."""
+        n, cfg = len(text_ids), self.model.config
+        if n > self.batch_size:
+            raise ValueError(f"{n} captions, but the sampler was built for batches of {self.batch_size}")
+        full = torch.zeros(self.batch_size, text_ids.shape[1], dtype=torch.long, device=self.pos.device)
+        full[:n] = text_ids.to(full.device)
+        self.prefill(full)
+        self.keys[:n] = keys.to(self.keys.device)
+        codes = torch.empty(self.batch_size, cfg.block_size, dtype=torch.long, device=self.pos.device)
+        self.tokens.fill_(self.model.start_token)
+        self.pos.zero_()
+        self.pmi.zero_()
+        for t in range(cfg.block_size):
+            # The compiled step's output is overwritten by its next replay: copied out before that.
+            self.tokens.copy_(self.step(self.tokens, self.pos))
+            codes[:, t] = self.tokens
+            self.pos += 1
+        return codes[:n].view(n, cfg.grid_rows, cfg.grid_cols)
+
+
+def row_keys(seed: int, rows: range, candidates: int = 1) -> torch.Tensor:
+    """The random keys [len(rows), candidates] of the candidates of each row: 32-bit hashes of the seed, the
+    row's index and the candidate's (the first candidate's key is that of a row drawn alone)."""
+    def key(*entropy: int) -> int:
+        return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+    return torch.tensor([[key(seed, row, *([j] if j else [])) for j in range(candidates)] for row in rows])
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    # A 32-bit integer hash (lowbias32, from Chris Wellons' hash prospector) in int64 arithmetic.
+    x = x & 0xFFFFFFFF
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & 0xFFFFFFFF
+    x = ((x ^ (x >> 15)) * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def exponential_noise(keys: torch.Tensor, offset: torch.Tensor, width: int) -> torch.Tensor:
+    """Exp(1) noise [rows, width], a function of each row's key and the counters offset .. offset + width - 1:
+    computed on the device, in a compiled graph too, and the same for a row whatever batch it is in."""
+    counters = offset + torch.arange(width, device=keys.device)
+    bits = _mix32(_mix32(counters)[None, :] + keys[:, None]) >> 8  # 24 uniform bits, what a float32 holds
+    return -torch.log((bits.float() + 0.5) / 2**24)
+
+
+def draw(logits: torch.Tensor, noise: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+         top_p: float | None = None) -> torch.Tensor:
+    """One code per row of logits [B, V], given Exp(1) noise [B, V]: the argmax of p_i / E_i is a draw from p
+    (of V exponential clocks with rates p_i, the first to ring), so sampling needs no sync with the host."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    probs = F.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
-    if generator is not None and generator.device != probs.device:
-        return torch.multinomial(probs.to(generator.device), 1, generator=generator)[:, 0].to(logits.device)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return (filter_logits(logits / temperature, top_k, top_p) - noise.log()).argmax(dim=-1)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -530,14 +622,22 @@ def load_model(ckpt_path: str | os.PathLike, device: str | torch.device = "cpu")
     Needs neither the network nor the Hugging Face cache; never runs code from the file. Raises
     vqgan.CheckpointError naming the file when it is not a readable nanoT2I checkpoint.
     """
+    return load_trained(ckpt_path, GPT, device)
+
+
+def load_trained(ckpt_path: str | os.PathLike, cls: type[CaptionModel], device: str | torch.device = "cpu"
+                 ) -> tuple[Any, dict]:
+    """A model of class `cls` (GPT or scorer.Scorer) from a train.py checkpoint, and the checkpoint."""
     ckpt = load_checkpoint_file(ckpt_path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise CheckpointError(f"{ckpt_path}: not a train.py checkpoint (no 'model' and 'model_config')")
+    kind = ckpt.get("kind", "gpt")
+    if kind != cls.__name__.lower():
+        raise CheckpointError(f"{ckpt_path}: holds a {kind}, not a {cls.__name__.lower()}")
     try:
-        model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
+        model = cls(GPTConfig.from_dict(ckpt["model_config"]))
         # A compiled model's state dict names its parameters `_orig_mod.*`.
-        state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
-        model.load_state_dict(state)
+        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
     except (ValueError, RuntimeError) as e:
         raise CheckpointError(f"{ckpt_path}: cannot rebuild the model: {e}") from None
     return model.to(device).eval(), ckpt

@@ -21,7 +21,7 @@ import numpy as np
 from tokenizers import normalizers, pre_tokenizers
 from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerBase
 
-from utils import write_atomic
+from utils import UserError
 
 VOCAB_FILE = "vocab.txt"
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # [PAD] first: id 0 is padding everywhere
@@ -61,7 +61,7 @@ def build_char_vocab(captions: Iterable[str]) -> list[str]:
     pieces.difference_update(SPECIAL_TOKENS)
     vocab = [*SPECIAL_TOKENS, *sorted(pieces)]
     if len(vocab) > MAX_VOCAB:
-        raise ValueError(f"the captions hold {len(vocab)} distinct pieces; ids must fit in uint16 ({MAX_VOCAB})")
+        raise UserError(f"the captions hold {len(vocab)} distinct pieces; ids must fit in uint16 ({MAX_VOCAB})")
     return vocab
 
 
@@ -69,7 +69,7 @@ def write_vocab(vocab: Sequence[str], path: str | os.PathLike) -> None:
     """BERT's vocab.txt format: one token per line, the line number is the id."""
     if any("\n" in token or "\r" in token or not token for token in vocab):
         raise ValueError("vocabulary tokens must be non-empty and hold no line breaks")
-    write_atomic(path, "".join(token + "\n" for token in vocab))
+    Path(path).write_text("".join(token + "\n" for token in vocab), encoding="utf-8")
 
 
 def read_vocab(path: str | os.PathLike) -> list[str]:
@@ -80,44 +80,48 @@ def load_tokenizer(spec: str, data_dir: str | os.PathLike | None = None) -> PreT
     """A tokenizer from meta.json's "tokenizer" value or prepare's --text_tokenizer.
 
     `spec` is "vocab.txt" (the file in `data_dir`, as prepare.py writes it), a path to a vocab.txt or to a
-    folder holding a tokenizer, or a Hugging Face model name. Padding must be id 0.
+    folder holding a tokenizer, or a Hugging Face model name. Padding must be id 0. Raises UserError.
     """
     path = Path(data_dir) / VOCAB_FILE if spec == VOCAB_FILE and data_dir is not None else Path(spec)
-    if path.is_file():
-        if path.name != VOCAB_FILE:
-            raise ValueError(f"{path}: a vocabulary file must be named {VOCAB_FILE} (BERT's format)")
-        tokenizer = _bert_tokenizer(path)
-    elif path.is_dir():
-        has_config = (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
-        tokenizer = AutoTokenizer.from_pretrained(path) if has_config else _bert_tokenizer(path / VOCAB_FILE)
-    elif spec == VOCAB_FILE:
-        raise FileNotFoundError(f"{path}: no vocabulary file (was prepare.py run into {data_dir}?)")
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(spec)
+    try:
+        if path.is_file():
+            if path.name != VOCAB_FILE:
+                raise UserError(f"{path}: a vocabulary file must be named {VOCAB_FILE} (BERT's format)")
+            tokenizer = _bert_tokenizer(path)
+        elif path.is_dir():
+            has_config = (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+            tokenizer = AutoTokenizer.from_pretrained(path) if has_config else _bert_tokenizer(path / VOCAB_FILE)
+        elif spec == VOCAB_FILE:
+            raise UserError(f"{path}: no vocabulary file (was prepare.py run into {data_dir}?)")
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(spec)
+    except (OSError, ValueError) as e:  # what transformers raises for a name it cannot find offline
+        raise UserError(f"cannot load the tokenizer {spec!r}: {str(e).splitlines()[0]} (a Hugging Face name must be "
+                        "downloaded once while online; or pass a local folder)") from None
     _check_tokenizer(tokenizer, spec)
     return tokenizer
 
 
 def _bert_tokenizer(vocab_path: Path) -> PreTrainedTokenizerBase:
     if not vocab_path.is_file():
-        raise FileNotFoundError(f"{vocab_path}: no such vocabulary file")
+        raise UserError(f"{vocab_path}: no such vocabulary file")
     # Loaded through its folder: transformers 5 ignores BertTokenizerFast(vocab_file=...) and silently builds an
     # empty vocabulary, while from_pretrained(folder) reads vocab.txt in every version.
     tokenizer = BertTokenizerFast.from_pretrained(str(vocab_path.parent))
     expected = len(read_vocab(vocab_path))
     if len(tokenizer) != expected:
-        raise ValueError(f"{vocab_path}: loaded {len(tokenizer)} tokens, the file has {expected}")
+        raise UserError(f"{vocab_path}: loaded {len(tokenizer)} tokens, the file has {expected}")
     return tokenizer
 
 
 def _check_tokenizer(tokenizer: PreTrainedTokenizerBase, spec: str) -> None:
     if tokenizer.pad_token_id != 0:
-        raise ValueError(
+        raise UserError(
             f"tokenizer {spec!r} pads with id {tokenizer.pad_token_id}; the data format needs padding id 0 "
             "(BERT-style tokenizers such as bert-base-chinese or chinese-roberta-wwm-ext have it)"
         )
     if len(tokenizer) > MAX_VOCAB:
-        raise ValueError(f"tokenizer {spec!r} has {len(tokenizer)} tokens; ids must fit in uint16 ({MAX_VOCAB})")
+        raise UserError(f"tokenizer {spec!r} has {len(tokenizer)} tokens; ids must fit in uint16 ({MAX_VOCAB})")
 
 
 def tokenize_captions(

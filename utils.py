@@ -1,29 +1,230 @@
-"""Small helpers shared by the scripts: device and precision choice, atomic files, stderr progress."""
+"""What the scripts share: settings from recipes and flags, the error a user acts on, devices and precision,
+the learning-rate schedule, memory figures and a lock on an output folder."""
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import dataclasses
+import hashlib
+import math
+import multiprocessing
 import os
+import signal
 import sys
-import time
-from collections.abc import Iterable, Iterator
+import traceback
+import warnings
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import field
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import IO, Any, BinaryIO, TypeVar
 
 import torch
+from tqdm import tqdm
 
 T = TypeVar("T")
 
 
+class UserError(Exception):
+    """Something the user must fix; the scripts print it as one line that says what, where and what to do."""
+
+
+def run_main(prog: str, main: Callable[[], object]) -> int:
+    """Run a script's main: the user's errors as one line each, no traceback; the exit status."""
+    from vqgan import CheckpointError
+
+    try:
+        main()
+        return 0
+    except (UserError, CheckpointError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+    except BrokenPipeError:  # `... | head`: whoever read the output has stopped
+        print(f"{prog}: error: the output was closed before everything was written", file=sys.stderr)
+    except OSError as e:  # a path that is a file, read-only, a full disk: the message names the file
+        print(f"{prog}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130
+    return 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# settings: dataclass defaults < recipe files < --name=value flags
+
+
+def setting(default: Any, help_text: str) -> Any:
+    """A dataclass field that is a setting: a recipe may assign it and `--name=value` overrides it."""
+    return field(default=default, metadata={"help": help_text})
+
+
+def configure(argv: list[str], classes: Iterable[type], prog: str, doc: str) -> tuple[list[Any], set[str]]:
+    """Instances of the setting dataclasses `classes` from recipe files (Python files of `name = value`
+    lines) and then `--name=value` or `--name value` flags in `argv`; also the names that were given.
+    `--help` lists every setting with its default."""
+    fields = {f.name: f for cls in classes for f in dataclasses.fields(cls) if "help" in f.metadata}
+    recipes, flags = [], []
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg in ("-h", "--help"):
+            print(_help(classes, prog, doc))
+            sys.exit(0)
+        if not arg.startswith("--"):
+            recipes.append(arg)
+            continue
+        name, has_value, text = arg[2:].partition("=")
+        if not has_value:
+            if not args or args[0].startswith("--"):
+                raise UserError(f"--{name} needs a value: --{name}=VALUE")
+            text = args.pop(0)
+        if name not in fields:
+            raise UserError(f"unknown setting --{name} (python {prog} --help lists them)")
+        flags.append((name, text))
+    given: dict[str, Any] = {}
+    for path in recipes:
+        given.update(read_recipe(path, fields))
+    for name, text in flags:
+        try:
+            given[name] = _parse(text, fields[name].type)
+        except ValueError:
+            raise UserError(f"--{name}={text}: expected {fields[name].type}") from None
+    try:
+        instances = [cls(**{k: v for k, v in given.items() if k in {f.name for f in dataclasses.fields(cls)}})
+                     for cls in classes]
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return instances, set(given)
+
+
+def read_recipe(path: str, fields: dict[str, dataclasses.Field]) -> dict[str, Any]:
+    """The settings a recipe assigns; an unknown name or a value of the wrong type names the file and line."""
+    try:
+        source = Path(path).read_text(encoding="utf-8")
+        tree = ast.parse(source, filename=path)
+    except OSError as e:
+        raise UserError(f"cannot read the recipe {path}: {e.strerror}") from None
+    except SyntaxError as e:
+        raise UserError(f"{path}:{e.lineno}: {e.msg}") from None
+    namespace: dict[str, Any] = {}
+    try:
+        exec(compile(tree, path, "exec"), namespace)
+    except Exception as e:
+        line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if f.filename == path), "?")
+        raise UserError(f"{path}:{line}: {type(e).__name__}: {e}") from None
+    lines = {}  # every name the recipe assigns, in any form, with its first line
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            lines[node.id] = min(node.lineno, lines.get(node.id, node.lineno))
+    values = {}
+    for name, line in lines.items():
+        if name.startswith("_"):
+            continue  # a recipe's own helpers
+        if name not in fields:
+            raise UserError(f"{path}:{line}: unknown setting {name!r} (python {sys.argv[0]} --help lists them)")
+        if not _fits(namespace[name], fields[name].type):
+            raise UserError(f"{path}:{line}: {name} = {namespace[name]!r} is not a {fields[name].type}")
+        values[name] = namespace[name]
+    return values
+
+
+def _parse(text: str, kind: str) -> Any:
+    base = kind.removesuffix(" | None")
+    if base != kind and text.lower() == "none":
+        return None
+    if base == "bool":
+        if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise ValueError(text)
+        return text.lower() in ("1", "true", "yes", "on")
+    if base.startswith(("tuple", "list")):
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        return tuple(int(i) for i in items) if base.startswith("tuple") else items
+    return {"int": int, "float": float}.get(base, str)(text)
+
+
+def _fits(value: Any, kind: str) -> bool:
+    base = kind.removesuffix(" | None")
+    if value is None:
+        return base != kind
+    if base == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    types = {"bool": bool, "int": int, "str": str, "tuple[int, ...]": tuple, "list[str]": list}
+    return isinstance(value, types[base]) and (base == "bool" or not isinstance(value, bool))
+
+
+def _help(classes: Iterable[type], prog: str, doc: str) -> str:
+    lines = [doc.strip(), "", f"usage: python {prog} [recipe.py ...] [--name=value ...]"]
+    for cls in classes:
+        lines += ["", f"{cls.__doc__.strip()}:" if cls.__doc__ else f"{cls.__name__}:"]
+        for f in dataclasses.fields(cls):
+            if "help" in f.metadata:
+                default = f.default if f.default not in ("", None) else ""
+                lines.append(f"  --{f.name}={default!s:<12} {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# devices, precision, schedule
+
+
 def pick_device(name: str | None = None) -> torch.device:
-    """The requested device, or the best one present: cuda, then mps, then cpu."""
+    """The requested device, or the best one present: cuda, then mps, then cpu.
+
+    A machine with an NVIDIA GPU that this torch cannot use (a driver older than its CUDA, mostly) is an error
+    rather than hours on the CPU; `--device cpu` asks for the CPU on purpose.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cuda = torch.cuda.is_available()
+    # torch says why once, as a warning ("CUDA initialization: ..."), when it finds GPUs it cannot use.
+    why = next((str(w.message) for w in caught if "CUDA initialization" in str(w.message)), "")
     if name:
-        return torch.device(name)
-    if torch.cuda.is_available():
+        device = torch.device(name)
+        if device.type == "cuda" and not cuda:
+            raise UserError(f"--device {name}, but torch cannot use a CUDA GPU here: {why or cuda_problem()}")
+        return device
+    if cuda:
         return torch.device("cuda")
+    if torch.version.cuda and (why or any(Path(p).exists() for p in NVIDIA_DEVICE_FILES)):
+        raise UserError(f"this machine has an NVIDIA GPU that torch cannot use ({why or cuda_problem()}): update "
+                        "the driver or install a torch built for an older CUDA; --device cpu runs on the CPU")
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+NVIDIA_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0")
+
+
+def cuda_problem() -> str:
+    if torch.version.cuda is None:
+        return f"this torch {torch.__version__} is a CPU-only build"
+    return f"torch {torch.__version__} is built for CUDA {torch.version.cuda}; is the NVIDIA driver that recent?"
+
+
+def check_compiler(device: torch.device) -> None:
+    """torch.compile builds C++ (CPU) or Triton (CUDA) code, which needs a C compiler and Python's headers;
+    without them it fails deep inside the first step. Say so up front."""
+    import shutil
+    import sysconfig
+
+    problems = []
+    if device.type == "cuda":
+        if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+            problems.append("no C compiler (gcc, clang or $CC) for Triton")
+    else:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        try:
+            get_cpp_compiler()
+        except Exception as e:
+            problems.append(f"no working C++ compiler ({str(e).splitlines()[0]})")
+    if not Path(sysconfig.get_paths()["include"], "Python.h").is_file():
+        problems.append("no Python headers (Python.h; Debian: apt install python3-dev)")
+    if problems:
+        raise UserError(f"torch.compile cannot work here: {'; '.join(problems)}: install them, or pass --compile false")
 
 
 def pick_dtype(device: torch.device, name: str | None = None) -> torch.dtype:
@@ -42,100 +243,149 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def cosine_lr(step: int, lr: float, min_lr: float, warmup: int, decay_steps: int) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to `min_lr` at `decay_steps`, then flat."""
+    if step < warmup:
+        return lr * (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, decay_steps - warmup))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def memory_gib(device: torch.device, children: bool = False) -> dict[str, float]:
+    """Peak memory so far. On CUDA what tensors took (allocated), what PyTorch's caching allocator held
+    (reserved), and what the card had to have (card: reserved plus the CUDA context and libraries, which no
+    allocator counts, taken now, with no other process on the GPU); elsewhere the peak resident memory of
+    this process, or with `children` of the largest child process that has ended."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        reserved = torch.cuda.max_memory_reserved(device)
+        outside = total - free - torch.cuda.memory_reserved(device)
+        return {"allocated": torch.cuda.max_memory_allocated(device) / 2**30, "reserved": reserved / 2**30,
+                "card": (reserved + outside) / 2**30}
+    try:
+        import resource
+    except ImportError:  # Windows
+        return {}
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
+    who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
+    return {"resident": resource.getrusage(who).ru_maxrss * scale / 2**30}
+
+
+def format_memory(memory: dict[str, float]) -> str:
+    return ", ".join(f"{value:.2f} GiB {kind}" for kind, value in memory.items())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# files
+
+
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """A binary file whose contents replace `path` when the block ends without error.
+def locked(folder: str | os.PathLike, what: str) -> Iterator[IO]:
+    """Hold an advisory lock on `folder` (created if needed) while `what` writes into it, so that a second
+    run on the same folder stops at once instead of overwriting the first one's work."""
+    import fcntl
 
-    Readers, and a crash at any moment, see the old file or the new one, never half of either.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkstemp: its files are private (0600); this one gets the permissions the umask gives any new file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another {what} is using {folder}: wait for it to end, or pick another folder") from None
+        yield lock
+
+
+def progress(total: int | None, desc: str, unit: str) -> tqdm:
+    """A progress bar with a rate on stderr; off a terminal, a line every 30 s rather than a flood."""
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
+                mininterval=0.5 if sys.stderr.isatty() else 30.0)
+
+
+@contextlib.contextmanager
+def results_stdout() -> Iterator[BinaryIO]:
+    """The real stdout for a script's results, while everything else that writes to stdout (print, a library,
+    C code writing to file descriptor 1) goes to stderr instead."""
+    sys.stdout.flush()
+    real_stdout = os.dup(1)
+    os.dup2(2, 1)
+    saved, sys.stdout = sys.stdout, sys.stderr
+    out = os.fdopen(os.dup(real_stdout), "wb")
     try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def write_atomic(path: str | os.PathLike, content: str | bytes) -> None:
-    """Replace `path` with `content` (text is written as UTF-8), atomically."""
-    with atomic_write(path) as f:
-        f.write(content.encode("utf-8") if isinstance(content, str) else content)
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Make renames and new files in `path` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
+        yield out
     finally:
-        os.close(fd)
+        with contextlib.suppress(BrokenPipeError):
+            out.close()
+        sys.stdout = saved
+        os.dup2(real_stdout, 1)
+        os.close(real_stdout)
 
 
-class Progress:
-    """A one-line progress bar with a rate on stderr; plain periodic lines when stderr is not a tty."""
+class Report:
+    """Warnings on stderr, the first few of each kind in full, and a count of every kind for the summary."""
 
-    def __init__(self, total: int | None = None, desc: str = "", unit: str = "it", every: float = 0.5):
-        self.total, self.desc, self.unit, self.every = total, desc, unit, every
-        self.done = 0
-        self.start = self.last = time.perf_counter()
-        self.tty = sys.stderr.isatty()
-        self.postfix = ""
+    def __init__(self, shown: int = 10):
+        self.shown = shown
+        self.counts: Counter[str] = Counter()
 
-    def update(self, n: int = 1, postfix: str | None = None) -> None:
-        self.done += n
-        if postfix is not None:
-            self.postfix = postfix
-        now = time.perf_counter()
-        # Off a terminal a line every `every` seconds would flood logs, so report less often.
-        if now - self.last >= (self.every if self.tty else 30.0):
-            self.last = now
-            self._print(end="\r" if self.tty else "\n")
-
-    def close(self) -> None:
-        self._print(end="\n")
-
-    @property
-    def rate(self) -> float:
-        return self.done / max(time.perf_counter() - self.start, 1e-9)
-
-    def _print(self, end: str) -> None:
-        elapsed = time.perf_counter() - self.start
-        count = f"{self.done}/{self.total}" if self.total else f"{self.done}"
-        eta = ""
-        if self.total and self.done:
-            eta = f" eta {_clock(elapsed / self.done * (self.total - self.done))}"
-        line = f"{self.desc}: {count} {self.unit} [{_clock(elapsed)}, {self.rate:.1f} {self.unit}/s{eta}]"
-        if self.postfix:
-            line += f" {self.postfix}"
-        sys.stderr.write(line.ljust(79) + end)
-        sys.stderr.flush()
-
-    def __enter__(self) -> Progress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def warn(self, where: str, kind: str, detail: str = "") -> None:
+        self.counts[kind] += 1
+        if self.counts[kind] <= self.shown:
+            print(f"{where}: {kind}{': ' + detail if detail else ''}", file=sys.stderr)
+        elif self.counts[kind] == self.shown + 1:
+            print(f"(further '{kind}' warnings are counted in the summary, not shown)", file=sys.stderr)
 
 
-def progress(items: Iterable[T], total: int | None = None, desc: str = "", unit: str = "it") -> Iterator[T]:
-    """Iterate over `items`, reporting progress on stderr."""
-    if total is None and hasattr(items, "__len__"):
-        total = len(items)  # type: ignore[arg-type]
-    with Progress(total, desc, unit) as bar:
-        for item in items:
-            yield item
-            bar.update()
+# ----------------------------------------------------------------------------------------------------------
+# worker processes
+
+
+def process_pool(workers: int) -> ProcessPoolExecutor | None:
+    """`workers` processes for CPU work (image decoding, PNG encoding), or None for 0: work in this process.
+
+    Started now, forked, so that they share the loaded modules and start at once: create the pool before
+    torch has run anything (its threads do not survive a fork). They leave Ctrl-C to this process.
+    """
+    if workers <= 0:
+        return None
+    fork = "fork" in multiprocessing.get_all_start_methods() and sys.platform != "darwin"
+    pool = ProcessPoolExecutor(workers, multiprocessing.get_context("fork" if fork else "spawn"),
+                               initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
+    pool.submit(int).result()  # a fork pool starts every worker at its first job
+    return pool
+
+
+def map_in_order(pool: ProcessPoolExecutor | None, fn: Callable[..., T], jobs: Iterable[tuple], window: int,
+                 what: str) -> Iterator[T]:
+    """fn(*job) for every job, in order, run by the `pool` with at most `window` jobs in flight (or here).
+
+    Jobs are taken from `jobs` only as room frees up, so a generator of jobs runs alongside the workers. A
+    worker that dies (killed, or by the system for want of memory) ends the run with a message, not a hang.
+    """
+    if pool is None:
+        yield from (fn(*job) for job in jobs)
+        return
+    pending: deque[Future] = deque()
+    try:
+        for job in jobs:
+            pending.append(pool.submit(fn, *job))
+            while len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    except BrokenProcessPool:
+        raise UserError(f"a worker process ({what}) died, killed or out of memory (the system log says which); run "
+                        "again, with fewer --num_workers if memory is short") from None
+    finally:
+        for future in pending:
+            future.cancel()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
@@ -148,9 +398,3 @@ def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
             batch = []
     if batch:
         yield batch
-
-
-def _clock(seconds: float) -> str:
-    minutes, seconds = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes:02d}:{seconds:02d}"

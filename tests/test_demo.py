@@ -25,6 +25,30 @@ def test_same_seed_gives_byte_identical_files(small_dataset, tmp_path):
     for name in TSV_FILES:
         assert (small_dataset / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
         assert (small_dataset / name).read_bytes() != (tmp_path / "other" / name).read_bytes(), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "other"]  # no .partial folder left
+
+
+def test_an_interrupted_write_leaves_nothing_that_looks_finished(tmp_path, monkeypatch):
+    out = tmp_path / "demo_src"
+    demo.write_dataset(out, n_train=4, n_val=2, n_test=2, image_size=32, seed=0)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    calls = []
+
+    def failing(image):  # the disk fills up on the val images of a second write
+        calls.append(image)
+        if len(calls) > 5:
+            raise OSError(28, "No space left on device")
+        return real(image)
+
+    real = demo.png_base64
+    monkeypatch.setattr(demo, "png_base64", failing)
+    with pytest.raises(OSError):
+        demo.write_dataset(out, n_train=4, n_val=2, n_test=2, image_size=32, seed=1)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old files, whole
+    monkeypatch.undo()
+    paths = demo.write_dataset(out, n_train=4, n_val=2, n_test=2, image_size=32, seed=1)  # and a rerun finishes
+    assert sorted(p.name for p in paths.values()) == sorted(TSV_FILES) and not (tmp_path / "demo_src.partial").exists()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} != before
 
 
 def test_files_are_in_the_muge_layout(small_dataset):
@@ -102,3 +126,71 @@ def test_cli_writes_the_files(tmp_path):
            "--image_size", "32", "--seed", "1"]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(TSV_FILES)
+
+
+# --- the demo's attribute scorer -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def matcher():
+    return demo.CategoryMatcher.fit(*demo.renders(64, seed=0, per_product=2))
+
+
+def test_colour_and_category_of_demo_renders_are_recognised(matcher):
+    images, products = demo.renders(64, seed=7, per_product=1)
+    accuracy = demo.attribute_accuracy(images, products, matcher)
+    assert accuracy["colour"] == 1.0
+    assert accuracy["category"] >= 0.97, accuracy
+    assert accuracy["both"] >= 0.97 and accuracy["images"] == 256
+
+
+def test_renders_at_another_size_are_recognised_too():
+    images, products = demo.renders(48, seed=3, per_product=1)
+    matcher = demo.CategoryMatcher.fit(*demo.renders(48, seed=0, per_product=2))
+    assert demo.attribute_accuracy(images, products, matcher)["category"] >= 0.95
+
+
+def test_noise_and_blank_pictures_score_near_chance(matcher):
+    products = list(demo.ALL_PRODUCTS)  # every colour and category equally often
+    rng = np.random.default_rng(0)
+    chance = demo.chance_levels()
+    for images in ([rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in products],
+                   [np.full((64, 64, 3), 255, np.uint8)] * len(products)):
+        accuracy = demo.attribute_accuracy(images, products, matcher)
+        assert abs(accuracy["colour"] - chance["colour"]) < 0.07, accuracy
+        assert abs(accuracy["category"] - chance["category"]) < 0.07, accuracy
+        assert accuracy["both"] < 0.06, accuracy
+    assert chance == {"colour": 1 / 8, "category": 1 / 8, "both": 1 / 64}
+
+
+def test_silhouette_fills_white_patterns_and_white_products():
+    white = np.asarray(demo.render(demo.Product("T恤", "白", "纯色"), 64))  # only its grey outline is foreground
+    assert demo.silhouette(white).sum() > 3 * demo.foreground_mask(white).sum()
+    striped = np.asarray(demo.render(demo.Product("T恤", "红", "条纹"), 64))  # half its body is white stripes
+    assert demo.silhouette(striped).sum() > 1.5 * demo.foreground_mask(striped).sum()
+    assert not demo.silhouette(np.full((16, 16, 3), 255, np.uint8)).any()
+
+
+def test_silhouette_features_ignore_place_size_and_mirroring():
+    # The same product drawn at different places, sizes and mirrorings: near-identical features.
+    rng = random.Random(0)
+    product = demo.Product("运动鞋", "蓝", "纯色")
+    features = [demo.silhouette_features(np.asarray(demo.render(product, 64, rng))) for _ in range(4)]
+    other = demo.silhouette_features(np.asarray(demo.render(demo.Product("口红", "蓝", "纯色"), 64, rng)))
+    spread = max(np.abs(f - features[0]).mean() for f in features)
+    assert spread < 0.5 * np.abs(other - features[0]).mean()
+    assert features[0].shape == (demo.MATCHER_GRID**2 + 2,)
+    assert not demo.silhouette_features(np.full((16, 16, 3), 255, np.uint8)).any()
+
+
+def test_captions_that_are_not_the_demos_are_not_counted(matcher):
+    # evaluate.py scores generated pictures against titles of any kind; only demo titles can be checked.
+    images, products = demo.renders(64, seed=5, per_product=1)
+    captions = [demo.make_caption(p, random.Random(i)) for i, p in enumerate(products[:8])]
+    read = [demo.product_of(c) for c in [*captions, "韩版宽松连帽卫衣", "红色蓝色条纹T恤"]]
+    assert read[:8] == products[:8] and read[8:] == [None, None]
+    accuracy = demo.attribute_accuracy(images[:10], read, matcher)
+    assert accuracy["images"] == 8 and accuracy["colour"] == 1.0
+    assert demo.attribute_accuracy(images[:2], [None, None], matcher) == {
+        "colour": 0.0, "category": 0.0, "both": 0.0, "images": 0}
+

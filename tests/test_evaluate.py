@@ -1,10 +1,9 @@
 import base64
-import contextlib
-import dataclasses
 import io
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -16,6 +15,7 @@ import torch
 from conftest import ROOT, TINY_F4_SIZE, good_rows, write_dataset
 from PIL import Image
 
+import data
 import demo
 import evaluate
 import prepare
@@ -325,47 +325,47 @@ def test_features_equal_pytorch_fids_own_network(monkeypatch, tmp_path):
     np.testing.assert_allclose(features, expected.double().numpy(), rtol=1e-4, atol=1e-5)
 
 
-# --- the demo's attribute scorer -----------------------------------------------------------------------------
+# --- R-precision -----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def matcher():
-    return evaluate.fit_category_matcher(*evaluate.demo_renders(64, seed=0, per_product=2))
+class FakeGrader:
+    """Embeds a picture's codes and a caption's token ids as given by two functions of the row they stand for."""
+
+    def __init__(self, image_vector, caption_vector):
+        self.image_vector, self.caption_vector = image_vector, caption_vector
+
+    def embed_images(self, codes: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.image_vector(int(c[0])) for c in codes])
+
+    def embed_captions(self, text: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.caption_vector(int(t[0])) for t in text])
 
 
-def test_colour_and_category_of_demo_renders_are_recognised(matcher):
-    images, products = evaluate.demo_renders(64, seed=7, per_product=1)
-    accuracy = evaluate.attribute_accuracy(images, products, matcher)
-    assert accuracy["colour"] == 1.0
-    assert accuracy["category"] >= 0.97, accuracy
-    assert accuracy["both"] >= 0.97
+def rows_and_captions(n: int, scored: range) -> tuple[dict[int, torch.Tensor], np.ndarray]:
+    # a picture's codes and a caption's ids both start with their row's number
+    codes = {row: torch.full((4,), row) for row in scored}
+    return codes, np.arange(n, dtype=np.uint16)[:, None].repeat(3, 1)
 
 
-def test_renders_at_another_size_are_recognised_too():
-    images, products = evaluate.demo_renders(48, seed=3, per_product=1)
-    matcher = evaluate.fit_category_matcher(*evaluate.demo_renders(48, seed=0, per_product=2))
-    assert evaluate.attribute_accuracy(images, products, matcher)["category"] >= 0.95
+def test_r_precision_of_a_perfect_grader_is_one_and_of_a_random_one_chance():
+    n = 1000
+    one_hot = lambda row: torch.nn.functional.one_hot(torch.tensor(row), n).float()  # noqa: E731
+    codes, text = rows_and_captions(n, range(n))
+    cpu = torch.device("cpu")
+    assert evaluate.r_precision(FakeGrader(one_hot, one_hot), codes, text, cpu) == 1.0
+    # only some rows scored: each is still ranked among captions of every row
+    assert evaluate.r_precision(FakeGrader(one_hot, one_hot), dict(list(codes.items())[:7]), text, cpu) == 1.0
 
+    def noise(salt: int):
+        return lambda row: torch.randn(n, generator=torch.Generator().manual_seed(salt * n + row))
 
-def test_noise_and_blank_pictures_score_near_chance(matcher):
-    products = list(demo.ALL_PRODUCTS)  # every colour and category equally often
-    rng = np.random.default_rng(0)
-    chance = evaluate.chance_levels()
-    for images in ([rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in products],
-                   [np.full((64, 64, 3), 255, np.uint8)] * len(products)):
-        accuracy = evaluate.attribute_accuracy(images, products, matcher)
-        assert abs(accuracy["colour"] - chance["colour"]) < 0.07, accuracy
-        assert abs(accuracy["category"] - chance["category"]) < 0.07, accuracy
-        assert accuracy["both"] < 0.06, accuracy
-    assert chance == {"colour": 1 / 8, "category": 1 / 8, "both": 1 / 64}
-
-
-def test_silhouette_fills_white_patterns_and_white_products():
-    white = np.asarray(demo.render(demo.Product("T恤", "白", "纯色"), 64))  # only its grey outline is foreground
-    assert evaluate.silhouette(white).sum() > 3 * demo.foreground_mask(white).sum()
-    striped = np.asarray(demo.render(demo.Product("T恤", "红", "条纹"), 64))  # half its body is white stripes
-    assert evaluate.silhouette(striped).sum() > 1.5 * demo.foreground_mask(striped).sum()
-    assert not evaluate.silhouette(np.full((16, 16, 3), 255, np.uint8)).any()
+    # Chance is 1 / (1 + 99 others) = 0.01; over 1000 pictures the s.d. of the share is 0.003, so 5 s.d. is
+    # 0.016. Ranking among fewer captions, or counting ties as hits, lands far outside.
+    random = evaluate.r_precision(FakeGrader(noise(1), noise(2)), codes, text, cpu)
+    assert abs(random - 1 / (1 + evaluate.R_PRECISION_OTHERS)) < 0.016
+    # half the pictures are recognised: about 0.5 + 0.5 * 0.01
+    half = evaluate.r_precision(FakeGrader(lambda r: one_hot(r) if r % 2 else noise(1)(r), one_hot), codes, text, cpu)
+    assert abs(half - 0.505) < 0.03
 
 
 # --- the val NLL ----------------------------------------------------------------------------------------------
@@ -404,141 +404,233 @@ def test_val_nll_is_the_mean_code_log_likelihood_in_bits():
 TEXT_LEN = 32
 
 
-def run_evaluate(*flags: str) -> tuple[int, dict | None, str]:
-    """evaluate.py's main in this process: its exit code, the JSON on stdout, stderr."""
-    argv = ["--device", "cpu", "--batch_size", "4", *flags]
-    stdout, stderr = io.StringIO(), io.StringIO()
-    # main() writes the JSON to the real file descriptor 1; evaluate() and print_summary are what it wraps.
-    with contextlib.redirect_stderr(stderr):
-        try:
-            args = evaluate.build_parser().parse_args(argv)
-            result = evaluate.evaluate(args)
-            evaluate.print_summary(result)
-            json.dump(result, stdout)
-            code = 0
-        except evaluate.EvaluateError as e:
-            print(f"evaluate.py: error: {e}", file=sys.stderr)
-            code = 1
-    return code, (json.loads(stdout.getvalue()) if code == 0 else None), stderr.getvalue()
+def error_line(stderr: str) -> str:
+    """The one error line a failed run ends with; no traceback, no second error."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and stderr.rstrip("\n").splitlines()[-1] == errors[0], stderr[-3000:]
+    assert errors[0].startswith("evaluate.py: error: ")
+    return errors[0]
+
+
+@pytest.fixture
+def run_evaluate(capfd):
+    """evaluate.py's main in this process: its exit code, the JSON on stdout (None on failure), stderr."""
+
+    def run(*flags: str) -> tuple[int, dict | None, str]:
+        capfd.readouterr()
+        code = evaluate.main(["--device", "cpu", "--batch_size", "4", *flags])
+        out, err = capfd.readouterr()
+        if code == 0:
+            assert out.count("\n") == 1  # one JSON object, nothing else
+            return code, json.loads(out), err
+        assert out == ""
+        return code, None, err
+
+    return run
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory, vqgan_ckpt):
-    """The demo data at the tiny VQGAN's 32 px, prepared, and a GPT trained for two steps on it."""
+    """The demo data at the tiny VQGAN's 32 px, prepared, with a GPT trained for two steps on it (out/best.pt),
+    the scorer that ranks best-of-N candidates (out/scorer) and the one that grades R-precision (out/grader)."""
     root = tmp_path_factory.mktemp("evaluate")
     demo.write_dataset(root / "source", n_train=24, n_val=10, n_test=2, image_size=TINY_F4_SIZE, seed=5)
     assert prepare.main(["--data_dir", str(root / "source"), "--vqgan_ckpt", str(vqgan_ckpt), "--out_dir",
                          str(root / "data"), "--image_size", str(TINY_F4_SIZE), "--text_len", str(TEXT_LEN),
                          "--batch_size", "16", "--num_workers", "0"]) == 0
-    train.main([str(ROOT / "config" / "tiny_cpu.py"), "--data_dir", str(root / "data"), "--out_dir",
-                str(root / "out"), "--max_iters", "2", "--eval_interval", "2", "--eval_iters", "1"])
+    steps = ["--max_iters=2", "--eval_interval=2", "--eval_iters=1", f"--data_dir={root / 'data'}"]
+    recipe = str(ROOT / "config" / "tiny_cpu.py")
+    train.main([recipe, f"--out_dir={root / 'out'}", *steps])
+    train.main([recipe, "--model=scorer", "--rows=even", f"--out_dir={root / 'out' / 'scorer'}", *steps])
+    train.main([recipe, "--model=scorer", "--rows=odd", f"--out_dir={root / 'out' / 'grader'}", *steps])
     return root
 
 
-def test_demo_run_end_to_end(demo_run, no_pytorch_fid, tmp_path):
+@pytest.fixture(scope="module")
+def matcher_once():
+    """The demo's category matcher is fitted on renders: fit it once for the module, not once per run."""
+    fitted = {}
+
+    def build_matcher(image_size, round_trip=None):
+        key = (image_size, round_trip is not None)
+        if key not in fitted:
+            fitted[key] = build(image_size, round_trip)
+        return fitted[key]
+
+    build = demo.build_matcher
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(demo, "build_matcher", build_matcher)
+        yield
+
+
+def test_demo_run_end_to_end(demo_run, no_pytorch_fid, matcher_once, run_evaluate, tmp_path):
     grid = tmp_path / "pairs.png"
-    code, result, stderr = run_evaluate("--ckpt", str(demo_run / "out" / "ckpt.pt"), "--demo", "--cfg_scale", "1",
+    code, result, stderr = run_evaluate("--ckpt", str(demo_run / "out" / "best.pt"), "--demo", "--cfg_scale", "1",
                                         "--grid", str(grid))
     assert code == 0, stderr
     assert result["images"] == result["real_images"] == result["val_rows"] == 10
     assert result["fid"] is None and "pip install pytorch-fid" in result["skipped"]["fid"]
+    assert result["inception_score"] is None and "inception_score" in result["skipped"]
     assert result["val_bits_per_code"] == pytest.approx(result["val_nll"] / math.log(2))
     assert 0 < result["val_bits_per_code"] < 8  # 64 codes: log2 64 = 6 bits for a uniform guess
     assert 0 < result["recon_psnr"] < 60
+    # the grader beside the checkpoint scores both the drawn and the real pictures
+    assert 0 <= result["r_precision"] <= 1 and 0 <= result["real_r_precision"] <= 1
+    assert "r_precision" not in result["skipped"]
+    assert result["settings"] == {"cfg_scale": 1.0, "candidates": 1, "top_k": None, "top_p": None, "temperature": 1.0}
     scores = result["demo"]
-    assert scores["images"] == 10 and scores["unparsed_captions"] == 0
-    for key in ("colour_accuracy", "category_accuracy", "both_accuracy"):
+    assert scores["images"] == 10
+    for key in ("colour", "category", "both"):
         assert 0 <= scores[key] <= 1
+    assert scores["chance"] == demo.chance_levels()
     assert scores["ceiling"]["renders"]["colour"] > 0.85  # 32 px blurs some patterns into the colour
     assert scores["ceiling"]["round_trip"] is not None  # random VQGAN: a poor ceiling, but measured
-    assert "val NLL" in stderr and "demo attributes" in stderr and "skipped fid" in stderr
+    assert "val NLL" in stderr and "colour" in stderr and "skipped fid" in stderr
     with Image.open(grid) as sheet:
-        assert 4 * 256 < sheet.width < 5 * 256  # four pictures a row: two pairs
-    assert "contact sheet of the first 16 pictures" in stderr  # 8 pairs
+        assert 4 * 256 < sheet.width < 5 * 256  # four pictures a row: two pairs (8 pairs, the first val rows)
 
 
-def test_val_nll_matches_train_loss_of_the_same_rows(demo_run, no_pytorch_fid):
+def test_val_nll_matches_train_loss_of_the_same_rows(demo_run, no_pytorch_fid, run_evaluate):
     """The same rows and model: evaluate's bits per code times ln 2 is train.py's loss on them."""
-    model, ckpt = load_model(demo_run / "out" / "ckpt.pt")
-    meta = train.read_meta(str(demo_run / "data"))
-    codes, text = train.open_split(str(demo_run / "data"), "val", meta)
+    model, ckpt = load_model(demo_run / "out" / "best.pt")
+    meta = data.read_meta(str(demo_run / "data"))
+    codes, text = data.open_split(str(demo_run / "data"), "val", meta)
     with torch.no_grad():
         loss = model(torch.from_numpy(codes.astype(np.int64)), torch.from_numpy(text.astype(np.int64)))[1].item()
-    code, result, _ = run_evaluate("--ckpt", str(demo_run / "out" / "ckpt.pt"), "--no_inception")
-    assert code == 0
+    code, result, stderr = run_evaluate("--ckpt", str(demo_run / "out" / "best.pt"), "--no_inception")
+    assert code == 0, stderr
     assert result["val_nll"] == pytest.approx(loss, rel=1e-5)
-    # with nothing to look at the pictures, none are drawn
-    assert result["images"] == 0 and "generation" in result["skipped"]
+    assert result["fid"] is None and result["skipped"]["fid"] == "--no_inception"
 
 
-def write_generated(path: Path, rows: list[tuple[str, np.ndarray]]) -> Path:
+def write_generated(path: Path, rows: list[tuple[str, np.ndarray]], extra: str = "") -> Path:
     lines = []
     for img_id, picture in rows:
         buffer = io.BytesIO()
         Image.fromarray(picture).resize((128, 128)).save(buffer, "PNG")  # larger than the data, like generate.py
         lines.append(f"{img_id}\t{base64.b64encode(buffer.getvalue()).decode()}\n")
-    path.write_text("".join(lines) + "not-a-val-id\tAAAA\nbroken line\n")
+    path.write_text("".join(lines) + extra)
     return path
 
 
-def test_generated_tsv_of_the_real_pictures_scores_the_demo_ceiling(demo_run, no_pytorch_fid, tmp_path):
+def val_pictures(demo_run: Path) -> dict[str, np.ndarray]:
+    return {img_id: np.asarray(image) for img_id, _, image, _ in demo.make_split("val", 10, TINY_F4_SIZE, seed=5)}
+
+
+def test_generated_tsv_of_the_real_pictures_scores_the_demo_ceiling(demo_run, no_pytorch_fid, matcher_once,
+                                                                     run_evaluate, tmp_path):
     """Scoring the val pictures themselves gives about the matcher's own accuracy on renders."""
     ids = (demo_run / "data" / "val.ids.txt").read_text().split()
-    captions = prepare.read_captions(demo_run / "source" / "T2I_val.text.tsv")[0]
-    rows = demo.make_split("val", 10, TINY_F4_SIZE, seed=5)
-    by_id = {img_id: np.asarray(image) for img_id, _, image, _ in rows}
-    generated = write_generated(tmp_path / "generated.tsv", [(i, by_id[i]) for i in reversed(ids)])
+    by_id = val_pictures(demo_run)
+    generated = write_generated(tmp_path / "generated.tsv", [(i, by_id[i]) for i in reversed(ids)],
+                                extra="not-a-val-id\tAAAA\nbroken line\n")
     code, result, stderr = run_evaluate("--generated", str(generated), "--data_dir", str(demo_run / "data"),
-                                        "--demo")
+                                        "--demo", "--grader", str(demo_run / "out" / "grader" / "best.pt"))
     assert code == 0, stderr
-    assert result["images"] == 10 and result["val_bits_per_code"] is None
-    assert "val_bits_per_code" in result["skipped"]
-    assert result["demo"]["colour_accuracy"] >= 0.8 and result["demo"]["category_accuracy"] >= 0.8
-    assert result["warnings"] == {"not a val img_id being scored": 1, "skipped line": 1}
-    assert set(captions) >= set(ids)
+    assert result["images"] == 10 and result["val_bits_per_code"] is None and result["ckpt"] is None
+    assert result["demo"]["colour"] >= 0.8 and result["demo"]["category"] >= 0.8
+    assert result["warnings"] == {"line skipped": 2}
+    assert f"{generated}:11: line skipped: not-a-val-id: not a val row" in stderr
+    assert 0 <= result["r_precision"] <= 1 and result["real_r_precision"] is not None
+    assert set(prepare.read_captions(demo_run / "source" / "T2I_val.text.tsv")[0]) >= set(ids)
 
 
-def test_val_captions_are_the_ones_prepare_stored(tmp_path):
+def test_val_captions_are_the_ones_prepare_stored(demo_run, tmp_path):
     # prepare.py keeps the first row of a repeated img_id and rejects the rest: score against that caption
-    text = tmp_path / "T2I_val.text.tsv"
-    text.write_text("a\t红色T恤\nb\t\nb\t蓝色帽子\na\t绿色裤子\n", encoding="utf-8")
-    split = evaluate.ValSplit(["a"], np.zeros((1, 4)), np.zeros((1, 8)), tmp_path / "T2I_val.img.tsv", text)
-    assert evaluate.val_captions(split) == ["红色T恤"]
-    with pytest.raises(evaluate.EvaluateError, match="no caption for 1 val img_id"):
-        evaluate.val_captions(dataclasses.replace(split, ids=["a", "b"]))  # b's first row was empty: rejected
+    source = tmp_path / "source"
+    source.mkdir()
+    shutil.copy(demo_run / "source" / "T2I_val.img.tsv", source)
+    ids = (demo_run / "data" / "val.ids.txt").read_text().split()
+    rows = [f"{ids[0]}\t红色T恤", *(f"{i}\t标题{n}" for n, i in enumerate(ids[1:])), f"{ids[0]}\t绿色裤子"]
+    (source / "T2I_val.text.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    split = evaluate.open_val_split(str(demo_run / "data"), str(source), 0)
+    assert split.ids == ids and split.captions[:2] == ["红色T恤", "标题0"]
+    # an img_id whose first row has an empty caption was rejected, whatever comes later
+    (source / "T2I_val.text.tsv").write_text("\n".join([f"{ids[0]}\t", *rows]) + "\n", encoding="utf-8")
+    with pytest.raises(evaluate.UserError, match="no caption for 1 val img_id"):
+        evaluate.open_val_split(str(demo_run / "data"), str(source), 0)
+    # --max_images scores the first rows only
+    assert evaluate.open_val_split(str(demo_run / "data"), None, 3).ids == ids[:3]
 
 
-def test_hash_split_reads_the_held_out_training_rows(tmp_path, vqgan_ckpt, no_pytorch_fid):
-    source = write_dataset(tmp_path / "muge", good_rows(16))
+def test_hash_split_reads_the_held_out_training_rows(tmp_path, vqgan_ckpt, no_pytorch_fid, run_evaluate):
+    rows = good_rows(16)
+    source = write_dataset(tmp_path / "muge", rows)
     assert prepare.main(["--data_dir", str(source), "--vqgan_ckpt", str(vqgan_ckpt), "--out_dir",
                          str(tmp_path / "data"), "--image_size", str(TINY_F4_SIZE), "--text_len", "16",
                          "--val_fraction", "0.3", "--batch_size", "8", "--num_workers", "0"]) == 0
-    n_val = len((tmp_path / "data" / "val.ids.txt").read_text().split())
-    assert n_val > 0
-    code, result, stderr = run_evaluate("--generated", str(write_generated(tmp_path / "g.tsv", [])),
-                                        "--data_dir", str(tmp_path / "data"))
+    held_out = (tmp_path / "data" / "val.ids.txt").read_text().split()
+    assert held_out
+    split = evaluate.open_val_split(str(tmp_path / "data"), None, 0)
+    assert split.image_tsv.name == "T2I_train.img.tsv"
+    # the held-out training pictures themselves, as a generated file
+    pictures = {img_id: np.asarray(Image.open(io.BytesIO(base64.b64decode(b64)))) for img_id, b64, _ in rows}
+    generated = write_generated(tmp_path / "g.tsv", [(i, pictures[i]) for i in held_out])
+    code, result, stderr = run_evaluate("--generated", str(generated), "--data_dir", str(tmp_path / "data"))
     assert code == 0, stderr
     # PSNR of the stored codes against the held-out training pictures, fitted as prepare.py fitted them
-    assert result["real_images"] == n_val and result["recon_psnr"] is not None
-    assert result["settings"]["val_pictures"].endswith("T2I_train.img.tsv")
+    assert result["real_images"] == result["images"] == len(held_out) and result["recon_psnr"] is not None
 
 
-def test_clear_errors(tmp_path, demo_run):
+def test_sweep_scores_every_combination(demo_run, no_pytorch_fid, run_evaluate):
+    code, result, stderr = run_evaluate("--ckpt", str(demo_run / "out" / "best.pt"), "--max_images", "4",
+                                        "--sweep", "cfg_scale=1,3", "candidates=1,2", "top_k=0,5")
+    assert code == 0, stderr
+    rows = result["sweep"]
+    assert [(r["settings"]["cfg_scale"], r["settings"]["candidates"], r["settings"]["top_k"]) for r in rows] == [
+        (cfg, n, k) for cfg in (1.0, 3.0) for n in (1, 2) for k in (0, 5)]
+    for row in rows:
+        assert row["images"] == 4 and 0 <= row["r_precision"] <= 1 and row["sampling_seconds"] >= 0
+        assert row["settings"]["temperature"] == 1.0 and row["fid"] is None
+    # the metrics of the pictures are per row; those of the real pictures and the model once
+    assert "r_precision" not in result and result["val_rows"] == 4 and result["real_r_precision"] is not None
+    for flags, message in [(["--sweep", "cfg=1,3"], "expected NAME=V1,V2,... with NAME one of cfg_scale"),
+                           (["--sweep", "top_k="], "expected NAME=V1,V2"),
+                           (["--sweep", "top_k=1,a"], "the values of top_k must be ints")]:
+        code, _, stderr = run_evaluate("--ckpt", str(demo_run / "out" / "best.pt"), *flags)
+        assert code == 1 and message in error_line(stderr), flags
+
+
+def test_clear_errors(tmp_path, demo_run, run_evaluate):
     code, _, stderr = run_evaluate("--ckpt", str(tmp_path / "none.pt"))
-    assert code == 1 and "no checkpoint at" in stderr
+    assert code == 1 and "no checkpoint at" in error_line(stderr)
     code, _, stderr = run_evaluate("--generated", str(tmp_path / "none.tsv"))
-    assert code == 1 and "none.tsv: no such file (--generated)" in stderr
+    assert code == 1 and "none.tsv: no such file (--generated)" in error_line(stderr)
     empty = tmp_path / "g.tsv"
     empty.write_text("")
     code, _, stderr = run_evaluate("--generated", str(empty))
-    assert code == 1 and "--generated needs --data_dir" in stderr
-    code, _, stderr = run_evaluate("--ckpt", str(demo_run / "out" / "ckpt.pt"), "--source_dir", str(tmp_path))
-    assert code == 1 and "check --source_dir" in stderr
+    assert code == 1 and "--generated needs --data_dir" in error_line(stderr)
+    code, _, stderr = run_evaluate("--ckpt", str(demo_run / "out" / "best.pt"), "--source_dir", str(tmp_path))
+    assert code == 1 and "check --source_dir" in error_line(stderr)
+    code, _, stderr = run_evaluate("--ckpt", str(demo_run / "out" / "grader" / "best.pt"))
+    assert code == 1 and "holds a scorer, not a gpt" in error_line(stderr)
+    code, _, stderr = run_evaluate("--ckpt", str(demo_run / "out" / "best.pt"), "--candidates", "0")
+    assert code == 1 and "must be at least 1" in error_line(stderr)
+
+
+def test_generated_pictures_must_answer_every_val_row_scored(demo_run, no_pytorch_fid, run_evaluate, tmp_path):
+    # FID over a part of the val set is no FID: a file that lacks pictures is an error, not a smaller score
+    ids = (demo_run / "data" / "val.ids.txt").read_text().split()
+    by_id = val_pictures(demo_run)
+    half = write_generated(tmp_path / "half.tsv", [(i, by_id[i]) for i in ids[:6:2]])
+    code, result, stderr = run_evaluate("--generated", str(half), "--data_dir", str(demo_run / "data"),
+                                        "--max_images", "6")
+    assert code == 1 and result is None
+    assert f"has pictures for 3 of the 6 val rows scored (none for {ids[1]}" in error_line(stderr)
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("")
+    code, _, stderr = run_evaluate("--generated", str(empty), "--data_dir", str(demo_run / "data"))
+    assert code == 1 and "has pictures for 0 of the 10 val rows scored" in error_line(stderr)
+    # and the first rows alone are enough for --max_images
+    code, result, stderr = run_evaluate("--generated", str(half), "--data_dir", str(demo_run / "data"),
+                                        "--max_images", "1")
+    assert code == 0 and result["images"] == 1, stderr
 
 
 def test_cli_writes_one_json_object_on_stdout(demo_run):
     completed = subprocess.run(
-        [sys.executable, "evaluate.py", "--ckpt", str(demo_run / "out" / "ckpt.pt"), "--device", "cpu",
+        [sys.executable, "evaluate.py", "--ckpt", str(demo_run / "out" / "best.pt"), "--device", "cpu",
          "--no_inception", "--max_images", "3"],
         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
     assert completed.returncode == 0, completed.stderr
@@ -547,7 +639,7 @@ def test_cli_writes_one_json_object_on_stdout(demo_run):
     assert "val NLL" in completed.stderr
 
 
-def test_demo_flag_on_other_data_is_refused_before_drawing(tmp_path, vqgan_ckpt):
+def test_demo_flag_on_other_data_is_refused_before_drawing(tmp_path, vqgan_ckpt, run_evaluate):
     source = write_dataset(tmp_path / "muge", good_rows(8))
     assert prepare.main(["--data_dir", str(source), "--vqgan_ckpt", str(vqgan_ckpt), "--out_dir",
                          str(tmp_path / "data"), "--image_size", str(TINY_F4_SIZE), "--text_len", "16",
@@ -555,4 +647,4 @@ def test_demo_flag_on_other_data_is_refused_before_drawing(tmp_path, vqgan_ckpt)
     generated = tmp_path / "g.tsv"
     generated.write_text("")
     code, _, stderr = run_evaluate("--generated", str(generated), "--data_dir", str(tmp_path / "data"), "--demo")
-    assert code == 1 and "is this the demo data?" in stderr
+    assert code == 1 and "is this the demo data?" in error_line(stderr)

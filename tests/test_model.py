@@ -1,20 +1,27 @@
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from model import (
     GPT,
     PEAK_BF16_FLOPS,
     GPTConfig,
-    KVCache,
+    adamw,
+    attention_bias,
+    draw,
+    exponential_noise,
     filter_logits,
     load_model,
+    load_trained,
     peak_flops,
-    sample_logits,
+    row_keys,
 )
+from scorer import Scorer, load_scorer
 from vqgan import CheckpointError
 
 # A non-square grid catches row/column mix-ups; captions shorter than text_len are allowed.
@@ -34,20 +41,6 @@ def captions() -> torch.Tensor:
 
 def random_codes(batch: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, TINY["codebook_size"], (batch, 12), generator=torch.Generator().manual_seed(seed))
-
-
-def reference_generate(model: GPT, text: torch.Tensor, cfg_scale: float, generator: torch.Generator,
-                       **sampling) -> torch.Tensor:
-    """Sampling written the slow, obvious way: a full uncached forward over the prefix for every code."""
-    codes = torch.zeros(text.shape[0], 0, dtype=torch.long)
-    for _ in range(model.config.block_size):
-        padded = torch.cat([codes, torch.zeros(text.shape[0], 1, dtype=torch.long)], dim=1)
-        logits = model(padded, text)[0][:, -1]
-        if cfg_scale != 1.0:
-            uncond = model(padded, torch.zeros_like(text))[0][:, -1]
-            logits = uncond + cfg_scale * (logits - uncond)
-        codes = torch.cat([codes, sample_logits(logits, generator=generator, **sampling)[:, None]], dim=1)
-    return codes.view(-1, model.config.grid_rows, model.config.grid_cols)
 
 
 # --- forward ----------------------------------------------------------------------------------------------
@@ -72,6 +65,15 @@ def test_config_errors_are_clear():
         GPTConfig.from_dict({"n_layers": 3})
     with pytest.raises(ValueError, match="at most text_len"):
         tiny_model()(random_codes(1), torch.ones(1, 7, dtype=torch.long))
+    with pytest.raises(ValueError, match="cond_drop 1.5"):
+        GPTConfig(cond_drop=1.5)
+
+
+def test_data_fields_are_plain_fields_and_the_model_fields_settings():
+    # train.py takes the data's fields from meta.json: a recipe or flag must not be able to set them
+    settings = {f.name for f in dataclasses.fields(GPTConfig) if "help" in f.metadata}
+    data = {"codebook_size", "grid_rows", "grid_cols", "text_len", "text_encoder", "text_vocab_size", "text_config"}
+    assert not settings & data and {"n_layer", "n_embd", "cond_drop"} <= settings
 
 
 def test_padding_does_not_change_outputs():
@@ -84,9 +86,9 @@ def test_padding_does_not_change_outputs():
     context, mask = model.encode_text(captions())
     garbage = torch.where(mask[:, :, None], context, torch.randn_like(context) * 100)
     block, x = model.blocks[0], torch.randn(3, 5, 32)
-    attn_mask = mask[:, None, None, :]
-    torch.testing.assert_close(block(x, block.cross_attn.text_kv(context), attn_mask),
-                               block(x, block.cross_attn.text_kv(garbage), attn_mask))
+    bias = attention_bias(mask, torch.float32)
+    torch.testing.assert_close(block(x, block.cross_attn.text_kv(context), bias),
+                               block(x, block.cross_attn.text_kv(garbage), bias))
     # while the caption itself does matter
     assert not torch.allclose(model(codes, short)[0], model(codes, short.flip(0))[0])
 
@@ -134,71 +136,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
 
 
-# --- generation ---------------------------------------------------------------------------------------------
-
-
-def test_cached_logits_equal_the_full_forward_at_every_position():
-    model = tiny_model()
-    codes, text = random_codes(3), captions()
-    full = model(codes, text)[0]
-    context, mask = model.encode_text(text)
-    text_kv = [block.cross_attn.text_kv(context) for block in model.blocks]
-    caches = [KVCache(12) for _ in model.blocks]
-    token, stepped = torch.full((3, 1), model.start_token), []
-    for t in range(12):
-        stepped.append(model.run_blocks(model.embed_codes(token, start=t), text_kv, mask, caches)[:, -1])
-        token = codes[:, t : t + 1]
-    torch.testing.assert_close(torch.stack(stepped, dim=1), full, atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("batch", [1, 3])
-def test_generate_shapes_and_dtypes(batch):
-    model = tiny_model()
-    text = captions()[:batch].to(torch.uint16)[:, :4]  # uint16 as stored by prepare.py, shorter than text_len
-    out = model.generate(text, cfg_scale=2.0, top_k=5, top_p=0.9, generator=torch.Generator().manual_seed(0))
-    assert out.shape == (batch, 3, 4) and out.dtype == torch.long
-    assert out.min() >= 0 and out.max() < 32
-    assert not model.training
-
-
-def test_guidance_scale_one_is_plain_conditional_sampling(monkeypatch):
-    model = tiny_model()
-    text = captions()
-    want = reference_generate(model, text, 1.0, torch.Generator().manual_seed(7), top_k=10)
-    encoded_rows = []
-    encode_text = model.encode_text
-    monkeypatch.setattr(model, "encode_text", lambda ids: encoded_rows.append(len(ids)) or encode_text(ids))
-    got = model.generate(text, cfg_scale=1.0, top_k=10, generator=torch.Generator().manual_seed(7))
-    assert torch.equal(got, want)
-    model.generate(text, cfg_scale=2.0)
-    assert encoded_rows == [3, 6]  # no unconditional stream at scale 1; one batch of both streams otherwise
-
-
-def test_guided_sampling_matches_the_slow_reference():
-    model = tiny_model()
-    text = captions()
-    got = model.generate(text, cfg_scale=3.0, temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(3))
-    want = reference_generate(model, text, 3.0, torch.Generator().manual_seed(3), temperature=0.8, top_p=0.9)
-    assert torch.equal(got, want)
-
-
-def test_generator_makes_sampling_reproducible():
-    model = tiny_model()
-    text = captions()
-    first, again, other = (model.generate(text, cfg_scale=2.0, generator=torch.Generator().manual_seed(s))
-                           for s in (11, 11, 12))
-    assert torch.equal(first, again)
-    assert not torch.equal(first, other)
-
-
-def test_zero_temperature_is_greedy():
-    model = tiny_model()
-    text = captions()
-    greedy = model.generate(text, temperature=0.0)
-    assert torch.equal(greedy, reference_generate(model, text, 1.0, None, temperature=0.0))
-
-
-# --- sampling filters ---------------------------------------------------------------------------------------
+# --- sampling filters, draws and their random numbers ------------------------------------------------------
 
 
 def test_top_k_and_top_p_keep_the_right_codes():
@@ -210,16 +148,107 @@ def test_top_k_and_top_p_keep_the_right_codes():
 
     assert kept(top_k=2) == [1, 3]
     assert kept(top_k=10) == [0, 1, 2, 3]
+    assert kept(top_k=0) == [0, 1, 2, 3]  # 0 is off (--sweep top_k=0)
     assert kept(top_p=0.5) == [1]  # 0.5 alone reaches 0.5
     assert kept(top_p=0.7) == [1, 3]
     assert kept(top_p=0.81) == [1, 2, 3]
     assert kept(top_p=0.0) == [1]  # the most likely code always survives
     assert kept(top_p=1.0) == [0, 1, 2, 3]
     assert kept(top_k=3, top_p=0.6) == [1, 3]
-    # draws only ever land on kept codes, in proportion to their renormalised probability
-    draws = sample_logits(logits.expand(4000, -1), top_k=2, generator=torch.Generator().manual_seed(0))
-    assert set(draws.tolist()) == {1, 3}
-    assert abs((draws == 1).float().mean().item() - 0.5 / 0.8) < 0.03
+
+
+N_DRAWS = 20000
+
+
+@pytest.fixture(scope="module")
+def many_keys() -> torch.Tensor:
+    return row_keys(0, range(N_DRAWS))[:, 0]
+
+
+def frequencies(codes: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.bincount(codes, minlength=width).double() / len(codes)
+
+
+def assert_binomial_close(freq: torch.Tensor, probs: torch.Tensor, n: int) -> None:
+    # 5 binomial standard deviations: a fair sampler fails this with odds below 1e-5 per code, while the
+    # mistakes it is for (temperature or filter ignored, biased noise) move some frequency by 10 or more.
+    sd = (probs * (1 - probs) / n).sqrt()
+    assert ((freq - probs).abs() <= 5 * sd + 1e-12).all(), (freq, probs)
+
+
+def test_draw_frequencies_follow_the_tempered_softmax(many_keys):
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+    noise = exponential_noise(many_keys, torch.tensor([0]), 5)
+    for temperature in (1.0, 0.7):
+        codes = draw(logits.expand(N_DRAWS, -1), noise, temperature)
+        expected = F.softmax(logits.double() / temperature, dim=-1)
+        assert_binomial_close(frequencies(codes, 5), expected, N_DRAWS)
+    # the two temperatures are far apart at this many draws: the check above can tell them apart
+    assert (F.softmax(logits.double(), -1) - F.softmax(logits.double() / 0.7, -1)).abs().max() > 0.1
+    # temperature 0 is the argmax, whatever the noise
+    assert (draw(logits.expand(N_DRAWS, -1), noise, 0.0) == 0).all()
+
+
+def test_draws_land_only_on_kept_codes_in_proportion(many_keys):
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3], dtype=torch.float64)
+    logits = probs.float().log().expand(N_DRAWS, -1)
+    noise = exponential_noise(many_keys, torch.tensor([7 * 4]), 4)
+    for kw, kept in (({"top_k": 2}, [1, 3]), ({"top_p": 0.7}, [1, 3]), ({"top_p": 0.81}, [1, 2, 3])):
+        freq = frequencies(draw(logits, noise, 1.0, **kw), 4)
+        assert freq.nonzero().flatten().tolist() == kept, kw
+        renormalised = torch.zeros(4, dtype=torch.float64)
+        renormalised[kept] = probs[kept] / probs[kept].sum()
+        assert_binomial_close(freq, renormalised, N_DRAWS)
+
+
+def test_exponential_noise_is_exp_1(many_keys):
+    width = 64
+    noise = exponential_noise(many_keys, torch.tensor([3 * width]), width).double().flatten()
+    n = len(noise)
+    assert noise.shape == (N_DRAWS * width,) and noise.dtype == torch.float64
+    assert torch.isfinite(noise).all() and (noise > 0).all()  # draw() takes its log
+    # Exp(1) has mean 1 and s.d. 1: the mean of n draws is within 5 / sqrt(n) of 1
+    assert abs(noise.mean().item() - 1) < 5 / math.sqrt(n)
+    assert abs(noise.std().item() - 1) < 0.02
+    # Kolmogorov-Smirnov against 1 - exp(-x): 1.95 / sqrt(n) is the 0.1 % critical value
+    ordered = noise.sort().values
+    cdf = 1 - torch.exp(-ordered)
+    steps = torch.arange(1, n + 1, dtype=torch.float64) / n
+    ks = torch.maximum(steps - cdf, cdf - (steps - 1 / n)).max().item()
+    assert ks < 1.95 / math.sqrt(n), ks
+
+
+def test_exponential_noise_depends_on_the_key_and_counter_only(many_keys):
+    keys = many_keys[:4096]
+    width = 32
+    base = exponential_noise(keys, torch.tensor([0]), width)
+    # a row's noise is the same alone or in any batch, and offsets are plain counters
+    torch.testing.assert_close(exponential_noise(keys[10:11], torch.tensor([0]), width), base[10:11], rtol=0, atol=0)
+    torch.testing.assert_close(exponential_noise(keys, torch.tensor([8]), 8), base[:, 8:16], rtol=0, atol=0)
+    torch.testing.assert_close(exponential_noise(keys, 0, width), base, rtol=0, atol=0)
+
+    def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+        return torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1].item()
+
+    # other counters, other keys, neighbouring keys: different and uncorrelated (s.d. of r: 1 / sqrt(131072))
+    for other in (exponential_noise(keys, torch.tensor([width]), width), exponential_noise(keys + 1, 0, width),
+                  exponential_noise(keys.roll(1), 0, width), exponential_noise(torch.arange(4096), 0, width)):
+        assert (other != base).float().mean() > 0.99
+        assert abs(correlation(other, base)) < 0.015
+    # nor is a key's stream another key's shifted by a few counters (as hash(key + counter) would make it)
+    assert (exponential_noise(keys + 1, 0, width)[:, :-1] != base[:, 1:]).float().mean() > 0.99
+    sequential = exponential_noise(torch.arange(4096), 0, width)
+    assert abs(correlation(sequential[1:], sequential[:-1])) < 0.015
+
+
+def test_row_keys():
+    keys = row_keys(7, range(5), candidates=3)
+    assert keys.shape == (5, 3) and keys.dtype == torch.int64
+    assert ((keys >= 0) & (keys < 2**32)).all() and len(set(keys.flatten().tolist())) == 15
+    # a row's first candidate is the row drawn alone; a row's keys do not depend on the rows around it
+    assert torch.equal(keys[:, 0], row_keys(7, range(5))[:, 0])
+    assert torch.equal(keys[2:4], row_keys(7, range(2, 4), candidates=3))
+    assert not torch.equal(keys, row_keys(8, range(5), candidates=3))
 
 
 # --- optimizer, flops, text encoders, loading ------------------------------------------------------------
@@ -227,7 +256,7 @@ def test_top_k_and_top_p_keep_the_right_codes():
 
 def test_optimizer_groups():
     model = tiny_model()
-    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    optimizer = adamw(model, 0.1, 1e-3, (0.9, 0.95), "cpu")
     decay, no_decay = (group["params"] for group in optimizer.param_groups)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
     linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
@@ -239,10 +268,9 @@ def test_optimizer_groups():
         assert any(param is p for p in no_decay)
 
 
-def test_flops_and_mfu():
+def test_flops():
     model = tiny_model()
     assert model.flops_per_sample() > 6 * 12 * sum(p.numel() for p in model.blocks.parameters())
-    assert model.estimate_mfu(samples_per_iter=10, dt=1.0, peak_flops=model.flops_per_sample() * 20) == 0.5
     assert peak_flops(torch.device("cpu")) is None
     assert dict(PEAK_BF16_FLOPS)["H100"] == 989e12
 
@@ -270,7 +298,7 @@ def test_pretrained_text_encoder_is_frozen_but_for_the_top_layers(pretrained_fol
         assert all(p.requires_grad == (i in trained_layers) for p in layer.parameters())
     assert encoder.embeddings.word_embeddings.weight.requires_grad == (finetune == -1)
     assert encoder.training == bool(trained_layers)  # a frozen encoder stays in eval mode (no dropout)
-    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    optimizer = adamw(model, 0.1, 1e-3, (0.9, 0.95), "cpu")
     optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert all((id(p) in optimized) == p.requires_grad for p in model.parameters())
 
@@ -279,7 +307,7 @@ def test_checkpoint_rebuilds_the_model_offline(pretrained_folder, tmp_path):
     folder, _ = pretrained_folder
     model = tiny_model(text_encoder=str(folder), text_finetune_layers=1, text_vocab_size=0)
     path = tmp_path / "ckpt.pt"
-    torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config)}, path)
+    torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config), "kind": "gpt"}, path)
     assert torch.load(path, weights_only=True)["model_config"]["text_config"]["model_type"] == "bert"
     gone = folder.rename(folder.with_name("moved-away"))  # the encoder folder is not needed any more
     try:
@@ -299,3 +327,88 @@ def test_load_model_refuses_other_files(tmp_path):
     path.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="other.pt"):
         load_model(path)
+
+
+def test_checkpoints_say_which_model_they_hold(tmp_path):
+    torch.manual_seed(0)
+    scorer = Scorer(GPTConfig(**TINY))
+    path = tmp_path / "scorer.pt"
+    torch.save({"model": scorer.state_dict(), "model_config": dataclasses.asdict(scorer.config), "kind": "scorer"},
+               path)
+    with pytest.raises(CheckpointError, match="holds a scorer, not a gpt"):
+        load_model(path)
+    loaded, _ = load_scorer(path)
+    codes, text = random_codes(2), captions()[:2]
+    torch.testing.assert_close(loaded.score(codes, text), scorer.eval().score(codes, text))
+    # a compiled model's state dict (`_orig_mod.` names) loads too
+    gpt = tiny_model()
+    torch.save({"model": {f"_orig_mod.{k}": v for k, v in gpt.state_dict().items()},
+                "model_config": dataclasses.asdict(gpt.config), "kind": "gpt"}, path)
+    torch.testing.assert_close(load_trained(path, GPT)[0](codes, text)[0], gpt(codes, text)[0])
+    with pytest.raises(CheckpointError, match="holds a gpt, not a scorer"):
+        load_scorer(path)
+
+
+# --- the scorer -----------------------------------------------------------------------------------------------
+
+
+def tiny_scorer(seed: int = 0, **overrides) -> Scorer:
+    torch.manual_seed(seed)
+    return Scorer(GPTConfig(**{**TINY, **overrides})).eval()
+
+
+def test_fresh_scorer_loss_is_about_ln_batch():
+    d, batch = 128, 16
+    scorer = tiny_scorer(n_embd=d)
+    generator = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 32, (batch, 3, 4), generator=generator)
+    text = torch.randint(1, 20, (batch, 6), generator=generator)
+    logits, loss = scorer(codes, text)
+    assert logits.shape == (batch, batch)
+    # Fresh embeddings are random unit vectors: cosines of s.d. 1/sqrt(d), times the logit scale 1/0.07, and a
+    # log-sum-exp of such logits exceeds ln(B) by about half their variance.
+    spread = (1 / 0.07) ** 2 / d
+    assert abs(loss.item() - math.log(batch)) < spread / 2
+    # the loss is InfoNCE both ways: pictures choosing captions and captions choosing pictures
+    targets = torch.arange(batch)
+    both = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    torch.testing.assert_close(loss, both)
+
+
+def test_scorer_learns_a_toy_pairing():
+    # caption i (tokens i+1 and 19-i) goes with the picture of code 3i everywhere
+    batch = 8
+    codes = (torch.arange(batch)[:, None] * 3).expand(batch, 12)
+    text = torch.zeros(batch, 6, dtype=torch.long)
+    text[:, 0], text[:, 1] = torch.arange(batch) + 1, 19 - torch.arange(batch)
+    scorer = tiny_scorer().train()
+    optimizer = adamw(scorer, 0.0, 3e-3, (0.9, 0.95), "cpu")
+    first = scorer(codes, text)[1].item()
+    for _ in range(25):
+        loss = scorer(codes, text)[1]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    trained = scorer.eval()(codes, text)[1].item()
+    assert trained < 0.25 * first and trained < 0.5 * math.log(batch)
+    # and each picture's own caption now scores highest
+    logits, _ = scorer(codes, text)
+    assert torch.equal(logits.argmax(1), torch.arange(batch))
+
+
+def test_score_is_the_diagonal_of_forward_over_the_scale():
+    scorer = tiny_scorer()
+    codes = random_codes(4).view(4, 3, 4)
+    text = torch.cat([captions()[:2], captions()[:2].flip(1)])  # captions with text: no empty one
+    logits, _ = scorer(codes, text)
+    scores = scorer.score(codes, text)
+    torch.testing.assert_close(scores, logits.diagonal() / scorer.logit_scale.exp(), rtol=1e-5, atol=1e-6)
+    assert scores.abs().max() <= 1 + 1e-6  # cosines
+    # embeddings are unit vectors, and a flat grid [B, rows*cols] reads as its [B, rows, cols] shape
+    images = scorer.embed_images(codes.flatten(1))
+    torch.testing.assert_close(images.norm(dim=-1), torch.ones(4))
+    torch.testing.assert_close(images, scorer.embed_images(codes))
+    torch.testing.assert_close(scorer.embed_captions(text).norm(dim=-1), torch.ones(4))
+    # padding does not change a caption's embedding
+    torch.testing.assert_close(scorer.embed_captions(text[1:2, :2]), scorer.embed_captions(text[1:2]))
+    assert np.isfinite(scorer.flops_per_sample()) and scorer.flops_per_sample() > 0

@@ -1,11 +1,14 @@
 import collections
+import time
 
+import huggingface_hub.constants
 import numpy as np
 import pytest
 from conftest import ROOT
 from transformers import BertTokenizerFast
 
-from text import SPECIAL_TOKENS, build_char_vocab, load_tokenizer, read_vocab, tokenize_captions, write_vocab
+from text import SPECIAL_TOKENS, build_char_vocab, has_text, load_tokenizer, read_vocab, tokenize_captions, write_vocab
+from utils import UserError
 
 CAPTIONS_5K = ROOT.parent / "shared" / "data" / "muge_t2i_captions_5k.tsv"
 CAPTIONS = ["男女童纯棉短裤2021夏季新款", "韩版 T恤女 XL码", "【新款】Ｔ恤！百搭（白色）", "abercrombie fitch AF男"]
@@ -71,10 +74,41 @@ def test_local_tokenizer_folder_and_padding_check(vocab_dir, tmp_path):
     assert tokenizer("T恤")["input_ids"] == load_tokenizer("vocab.txt", vocab_dir)("T恤")["input_ids"]
     bad = tmp_path / "pads_with_unk"
     BertTokenizerFast.from_pretrained(str(vocab_dir), pad_token="[UNK]").save_pretrained(bad)
-    with pytest.raises(ValueError, match="padding id 0"):
+    with pytest.raises(UserError, match="padding id 0"):
         load_tokenizer(str(bad))
-    with pytest.raises(FileNotFoundError, match="vocabulary"):
+    with pytest.raises(UserError, match="no vocabulary file"):
         load_tokenizer("vocab.txt", tmp_path / "nowhere")
+
+
+def test_a_plain_vocab_whose_pad_is_not_id_0_is_refused(tmp_path):
+    folder = tmp_path / "vocab"
+    folder.mkdir()
+    write_vocab(["[UNK]", "[PAD]", "[CLS]", "[SEP]", "[MASK]", "红"], folder / "vocab.txt")
+    for spec in (str(folder), str(folder / "vocab.txt")):  # a folder, or the file itself
+        with pytest.raises(UserError, match="pads with id 1"):
+            load_tokenizer(spec)
+    (folder / "vocab.txt").rename(folder / "words.txt")
+    with pytest.raises(UserError, match="must be named vocab.txt"):
+        load_tokenizer(str(folder / "words.txt"))
+
+
+def test_a_misspelt_hugging_face_name_offline_is_a_user_error(monkeypatch):
+    # Offline (as without network) it fails at once, with what to do, rather than a transformers traceback.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    started = time.monotonic()
+    with pytest.raises(UserError, match="cannot load the tokenizer 'bert-base-chinesse'.*local folder"):
+        load_tokenizer("bert-base-chinesse")
+    assert time.monotonic() - started < 5
+
+
+def test_write_vocab_writes_one_token_a_line(tmp_path):
+    write_vocab([*SPECIAL_TOKENS, "红", "##a"], tmp_path / "vocab.txt")
+    assert (tmp_path / "vocab.txt").read_bytes() == "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n红\n##a\n".encode()
+    assert list(tmp_path.iterdir()) == [tmp_path / "vocab.txt"]  # nothing else left beside it
+    for token in ("two\nlines", "cr\r", ""):  # would shift every later id by a line
+        with pytest.raises(ValueError, match="line breaks"):
+            write_vocab([*SPECIAL_TOKENS, token], tmp_path / "bad.txt")
 
 
 @pytest.mark.skipif(not CAPTIONS_5K.is_file(), reason=f"{CAPTIONS_5K} not found (only present in development)")
@@ -97,3 +131,9 @@ def test_coverage_and_length_of_real_muge_captions(tmp_path):
         + "  ".join(f"{k}-{k + 7}: {histogram[k]}" for k in sorted(histogram))
     )
     assert (counts > 64).sum() < 0.01 * len(captions)
+
+
+def test_has_text_is_false_only_for_spaces_and_control_characters():
+    # prepare.py rejects such a caption as empty: it would tokenize to [CLS] [SEP] and nothing else.
+    assert not has_text("") and not has_text(" \u3000\t\x01\x7f")
+    assert has_text("红") and has_text(" x ") and has_text("！")

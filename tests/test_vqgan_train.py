@@ -1,3 +1,5 @@
+import contextlib
+import dataclasses
 import random
 from dataclasses import asdict
 
@@ -8,23 +10,26 @@ from conftest import ROOT, TAMING_TINY, requires_fixtures
 from PIL import Image
 
 import demo
-from vqgan import VQGAN, VQGANConfig, images_to_tensor, infer_config, load_checkpoint_file, load_vqgan
+import utils
+from utils import configure, cosine_lr
+from vqgan import VQGAN, VQGANConfig, images_to_tensor, infer_config, load_checkpoint_file, load_vqgan, psnr
 from vqgan.train import (
     EMACodebook,
     ImageStream,
-    build_parser,
+    VQGANTrainConfig,
     evaluate,
     forward,
     main,
-    psnr,
+    make_optimizers,
     quantize,
     reconstruct,
     restart_dead_codes,
     stream_images,
+    train_step,
 )
 
 TINY = VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_levels=(), z_channels=8, embed_dim=8, n_embed=32)
-TINY_FLAGS = ["--ch", "32", "--ch_mult", "1,2", "--num_res_blocks", "1", "--attn_levels", "", "--z_channels", "8",
+TINY_FLAGS = ["--ch", "32", "--ch_mult", "1,2", "--num_res_blocks", "1", "--attn_levels=", "--z_channels", "8",
               "--embed_dim", "8", "--n_embed", "32"]
 DEMO_CKPT = ROOT / "assets" / "vqgan_demo.pt"
 # Measured 24.7 dB on these 64 images (24.4 dB on the 256 held-out val images) when the checkpoint was made
@@ -48,14 +53,70 @@ def tiny_data(tmp_path_factory):
 def tiny_args(data_dir, out_dir, *extra: str) -> list[str]:
     return ["--data", str(data_dir / "T2I_train.img.tsv"), "--val_data", str(data_dir / "T2I_val.img.tsv"),
             "--image_size", "32", "--batch_size", "4", "--val_images", "8", "--shuffle_buffer", "8",
-            "--out_dir", str(out_dir), "--lr", "1e-3", "--warmup_steps", "1", "--eval_every", "100",
-            "--ckpt_every", "2", *TINY_FLAGS, *extra]
+            "--out_dir", str(out_dir), "--learning_rate", "1e-3", "--warmup_iters", "1", "--eval_interval", "2",
+            *TINY_FLAGS, *extra]
+
+
+def failure(capsys, argv: list[str]) -> tuple[str, str]:
+    """The one line vqgan.train ends with when it exits with status 1, and all it wrote to stderr."""
+    capsys.readouterr()  # what earlier calls wrote
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    message = err.splitlines()[-1]
+    assert message.startswith("vqgan.train: error: ") and err.endswith(message + "\n")
+    return message, err
+
+
+def error_of(capsys, argv: list[str]) -> str:
+    return failure(capsys, argv)[0]
+
+
+def parse(argv: list[str]) -> VQGANTrainConfig:
+    (args,), _ = configure(argv, (VQGANTrainConfig,), "-m vqgan.train", "")
+    return args
+
+
+# --- settings -----------------------------------------------------------------------------------------------
+
+
+def test_settings_as_train_py_takes_them(tmp_path, capsys):
+    args = parse(["--data=a.tsv,b", "--val_data", "v.tsv", "--ch_mult=1,2,4", "--attn_levels=", "--max_iters=7",
+                  "--learning_rate", "2e-4", "--warmup_iters=3", "--eval_interval=5", "--init_from=resume"])
+    assert (args.data, args.val_data, args.ch_mult, args.attn_levels) == (["a.tsv", "b"], ["v.tsv"], (1, 2, 4), ())
+    assert (args.max_iters, args.learning_rate, args.warmup_iters, args.eval_interval) == (7, 2e-4, 3, 5)
+    assert args.init_from == "resume"
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text("data = ['x.tsv']\nch_mult = (1, 2)\nattn_levels = ()\nn_embed = 64\n")
+    args = parse([str(recipe), "--n_embed=128"])
+    assert (args.data, args.ch_mult, args.n_embed) == (["x.tsv"], (1, 2), 128)
+    # the old names are gone, and say so
+    for old in ("--max_steps=3", "--lr=1e-3", "--warmup_steps=1", "--eval_every=2", "--ckpt_every=2", "--resume=1"):
+        assert f"unknown setting {old.split('=')[0]}" in error_of(capsys, ["--data=x.tsv", old])
+    recipe.write_text("data = ['x.tsv']\nmax_steps = 3\n")
+    assert f"{recipe}:2: unknown setting 'max_steps'" in error_of(capsys, [str(recipe)])
+    assert "--data is needed" in error_of(capsys, [])
+    assert "--attn_levels (5,) must name levels of --ch_mult (1, 2)" in error_of(
+        capsys, ["--data=x", "--ch_mult=1,2", "--attn_levels=5"])
+
+
+def test_help_documents_every_setting(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(VQGANTrainConfig):
+        assert f"--{f.name}=" in text and f.metadata["help"] in text, f.name
+
+
+# --- training -----------------------------------------------------------------------------------------------
 
 
 def test_training_steps_lower_the_loss():
     torch.manual_seed(0)
     model = VQGAN(TINY).train()
-    args = build_parser().parse_args(["--data", "unused"])
+    args = VQGANTrainConfig(data=["unused"])
     x = images_to_tensor(demo_images(8, 32))
     device, dtype = torch.device("cpu"), torch.float32
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
@@ -67,6 +128,22 @@ def test_training_steps_lower_the_loss():
         out.loss.backward()
         optimizer.step()
     assert forward(model, x, args, device, dtype).loss.item() < 0.8 * first
+
+
+def test_the_learning_rate_follows_train_pys_schedule():
+    # utils.cosine_lr, shared with train.py: warmup (step + 1) / (warmup + 1), never 0 at the first step
+    torch.manual_seed(0)
+    model = VQGAN(TINY).train()
+    args = VQGANTrainConfig(data=["unused"], learning_rate=1e-3, min_lr=1e-4, warmup_iters=3, max_iters=10)
+    device, dtype = torch.device("cpu"), torch.float32
+    optimizers = make_optimizers(model, args, device, dtype)
+    x = images_to_tensor(demo_images(1, 32))
+    rates = []
+    for step in (0, 2, 3, 10):
+        train_step(model, x, args, step, optimizers, device, dtype)
+        rates.append(optimizers.model.param_groups[0]["lr"])
+    assert rates == pytest.approx([1e-3 / 4, 3e-3 / 4, 1e-3, 1e-4])
+    assert rates == [cosine_lr(step, 1e-3, 1e-4, 3, 10) for step in (0, 2, 3, 10)]
 
 
 def test_quantize_passes_gradients_straight_through():
@@ -106,11 +183,13 @@ def test_checkpoints_load_with_load_vqgan_and_resume(tiny_data, tmp_path, capsys
     out = tmp_path / "run"
     # The patch discriminator switches on at step 2, so both of its paths run and are saved.
     flags = ["--disc_start", "2", "--codebook_ema", "0.9"]
-    first = main(tiny_args(tiny_data, out, "--max_steps", "3", "--restart_every", "2", *flags))
+    first = main(tiny_args(tiny_data, out, "--max_iters", "3", "--restart_every", "2", *flags))
     assert first["step"] == 3 and 0 < first["usage"] <= 1 and np.isfinite(first["psnr"])
     ckpt = load_checkpoint_file(out / "ckpt.pt")
     assert ckpt["step"] == 3 and ckpt["config"] == asdict(TINY)
-    assert {"optimizer", "discriminator", "disc_optimizer", "scaler", "usage_counts", "rng"} <= set(ckpt)
+    assert set(ckpt) == {"state_dict", "config", "step", "metrics", "command", "optimizer", "discriminator",
+                         "disc_optimizer", "scaler", "codebook_ema", "usage_counts", "train_config", "rng"}
+    assert ckpt["metrics"]["step"] == 3 and ckpt["train_config"]["max_iters"] == 3
     assert ckpt["codebook_ema"]["cluster_size"].shape == (TINY.n_embed,)
     export = load_checkpoint_file(out / "vqgan.pt")
     assert set(export) == {"state_dict", "config", "step", "metrics", "command"}
@@ -122,10 +201,12 @@ def test_checkpoints_load_with_load_vqgan_and_resume(tiny_data, tmp_path, capsys
             assert torch.equal(tensor, ckpt["state_dict"][name]), name
     assert Image.open(out / "reconstructions.png").size == (8 * 32, 2 * 32)  # 8 held-out images
 
-    with pytest.raises(SystemExit, match="ckpt.pt exists: --resume continues that run"):
-        main(tiny_args(tiny_data, out, "--max_steps", "5", *flags))  # a new run would replace it
-    main(tiny_args(tiny_data, out, "--max_steps", "5", "--resume", *flags))
-    assert "resuming" in capsys.readouterr().err
+    saved = (out / "ckpt.pt").read_bytes()
+    message = error_of(capsys, tiny_args(tiny_data, out, "--max_iters", "5", *flags))  # it would replace ckpt.pt
+    assert "ckpt.pt exists: --init_from=resume continues that run" in message
+    assert (out / "ckpt.pt").read_bytes() == saved
+    main(tiny_args(tiny_data, out, "--max_iters", "5", "--init_from=resume", *flags))
+    assert f"resuming {out / 'ckpt.pt'} at step 3" in capsys.readouterr().err
     resumed = load_checkpoint_file(out / "ckpt.pt")
     assert resumed["step"] == 5
     adam_steps = {int(s["step"]) for s in resumed["optimizer"]["state"].values()}
@@ -146,9 +227,9 @@ def test_ema_codebook_moves_used_codes_to_the_mean_of_their_latents():
 
 
 def test_fine_tuning_starts_from_the_loaded_weights(tiny_data, tmp_path):
-    main(tiny_args(tiny_data, tmp_path / "a", "--max_steps", "1"))
+    main(tiny_args(tiny_data, tmp_path / "a", "--max_iters", "1"))
     before = load_vqgan(tmp_path / "a" / "vqgan.pt")
-    main(tiny_args(tiny_data, tmp_path / "b", "--max_steps", "1", "--lr", "1e-9", "--init_from",
+    main(tiny_args(tiny_data, tmp_path / "b", "--max_iters", "1", "--learning_rate", "1e-9", "--init_from",
                    str(tmp_path / "a" / "vqgan.pt"), "--ch", "64"))  # size flags yield to the checkpoint
     after = load_vqgan(tmp_path / "b" / "vqgan.pt")
     assert after.config == before.config
@@ -160,15 +241,30 @@ def test_fine_tuning_starts_from_the_loaded_weights(tiny_data, tmp_path):
 def test_fine_tuning_a_taming_checkpoint(tiny_data, tmp_path):
     taming = TAMING_TINY / "checkpoints" / "last.ckpt"
     main(["--init_from", str(taming), "--data", str(tiny_data / "T2I_train.img.tsv"), "--image_size", "32",
-          "--val_images", "4", "--batch_size", "2", "--max_steps", "1", "--disc_start", "0",
+          "--val_images", "4", "--batch_size", "2", "--max_iters", "1", "--disc_start", "0",
           "--out_dir", str(tmp_path)])
     tuned = load_vqgan(tmp_path / "vqgan.pt")
     assert tuned.config == load_vqgan(taming).config and tuned.codebook_size == 1024
 
 
-def test_resume_without_a_checkpoint_is_a_clear_error(tiny_data, tmp_path):
-    with pytest.raises(SystemExit, match="nothing to resume"):
-        main(tiny_args(tiny_data, tmp_path, "--max_steps", "1", "--resume"))
+def test_resume_without_a_checkpoint_is_a_clear_error(tiny_data, tmp_path, capsys):
+    message = error_of(capsys, tiny_args(tiny_data, tmp_path, "--max_iters", "1", "--init_from=resume"))
+    assert f"{tmp_path / 'ckpt.pt'}: nothing to resume (--init_from=scratch starts a run)" in message
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "in use"])
+def test_an_unusable_out_dir_fails_at_once(tiny_data, tmp_path, capsys, where):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    out = {"a file": blocker, "under a file": blocker / "out", "in use": tmp_path / "out"}[where]
+    # "in use": a run on that folder holds its lock (in this process, which flock treats alike)
+    with utils.locked(tmp_path / "out", "vqgan.train run") if where == "in use" else contextlib.nullcontext():
+        message, err = failure(capsys, tiny_args(tiny_data, out, "--max_iters", "3"))
+    assert str(out) in message
+    if where == "in use":
+        assert "another vqgan.train run is using" in message
+    # at once, in one line: not at the first checkpoint, an eval interval of training later
+    assert err == message + "\n" and not (tmp_path / "out" / "ckpt.pt").exists()
 
 
 def test_image_folders_hold_out_and_skip_bad_files(tmp_path, capsys):

@@ -8,7 +8,7 @@ from .checkpoint import (
     load_vqgan,
     save_checkpoint_atomic,
 )
-from .image import images_to_tensor, tensor_to_images
+from .image import images_to_tensor, psnr, tensor_to_images
 from .model import VQGAN, VQGANConfig
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "infer_config",
     "load_checkpoint_file",
     "load_vqgan",
+    "psnr",
     "save_checkpoint_atomic",
     "tensor_to_images",
 ]

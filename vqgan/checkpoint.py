@@ -16,8 +16,6 @@ from typing import Any
 
 import torch
 
-from utils import atomic_write
-
 from .model import VQGAN, VQGANConfig
 
 
@@ -114,8 +112,19 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: str | torch.devi
 
 def save_checkpoint_atomic(obj: Any, path: str | os.PathLike) -> None:
     """torch.save that never leaves a half-written file: a crash keeps the previous checkpoint whole."""
-    with atomic_write(path) as f:
-        torch.save(obj, f)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Not mkstemp: its files are private (0600); this one gets the permissions the umask gives any new file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 _MODEL_PREFIXES = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")

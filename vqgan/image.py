@@ -25,3 +25,9 @@ def tensor_to_images(x: torch.Tensor) -> np.ndarray:
     """float [B, 3, H, W] in about [-1, 1] -> uint8 [B, H, W, 3], clamped and rounded."""
     pixels = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Peak signal-to-noise ratio in dB per uint8 image pair [B, H, W, 3]."""
+    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(len(a), -1).mean(axis=1)
+    return 10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))

@@ -204,15 +204,18 @@ class VectorQuantizer(nn.Module):
 
 
 @contextlib.contextmanager
-def _exact_convolutions():
-    # cuDNN may use TF32 for convolutions by default; codes are compared across machines, so encode in
-    # full fp32. The flag is global, hence restored afterwards.
-    saved = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
+def _exact_fp32():
+    # Codes are compared across machines, so encoding runs in full fp32: no TF32 in cuDNN's convolutions (its
+    # default) nor in the codebook matmul (a training run may have turned it on). The settings are global,
+    # hence restored; they are set through the one API that torch.compile also reads.
+    matmul, conv = torch.get_float32_matmul_precision(), torch.backends.cudnn.conv.fp32_precision
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32 = saved
+        torch.set_float32_matmul_precision(matmul)
+        torch.backends.cudnn.conv.fp32_precision = conv
 
 
 class VQGAN(nn.Module):
@@ -251,16 +254,11 @@ class VQGAN(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] in [-1, 1] -> codes [B, H/f, W/f] (int64), always computed in fp32."""
         x = x.to(self.device, torch.float32)
-        with torch.autocast(self.device.type, enabled=False), _exact_convolutions():
+        with torch.autocast(self.device.type, enabled=False), _exact_fp32():
             return self.quantize.codes(self.latents(x))
 
     @torch.no_grad()
-    def decode(self, codes: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Codes [B, h, w] -> fp32 images [B, 3, h*f, w*f] in about [-1, 1].
-
-        `dtype` (bfloat16 or float16) runs the decoder under autocast: faster on GPUs, and not exact.
-        """
-        codes = codes.to(self.device, torch.long)
-        enabled = dtype is not None and dtype != torch.float32
-        with torch.autocast(self.device.type, dtype=dtype, enabled=enabled):
-            return self.decode_latents(self.quantize.lookup(codes)).float()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes [B, h, w] -> float32 images [B, 3, h*f, w*f] in about [-1, 1], computed in the dtype of the
+        weights: a bfloat16 copy of the model decodes faster on GPUs, and not exactly."""
+        return self.decode_latents(self.quantize.lookup(codes.to(self.device, torch.long))).float()

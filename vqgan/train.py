@@ -1,30 +1,26 @@
 """Train a VQGAN from scratch, or fine-tune one (a taming checkpoint or our own), on product images.
 
-    # the demo tokenizer (assets/vqgan_demo.pt): 64 px, f8, 512 codes, from scratch
-    python -m vqgan.train --data data/demo_src/T2I_train.img.tsv --val_data data/demo_src/T2I_val.img.tsv \\
-        --image_size 64 --ch 32 --ch_mult 1,1,2,2 --num_res_blocks 1 --attn_levels "" --z_channels 32 \\
-        --embed_dim 8 --n_embed 512 --codebook_ema 0.99 --l2_weight 10 --batch_size 16 --lr 5e-4 \\
-        --min_lr 5e-5 --warmup_steps 100 --max_steps 2400 --eval_every 400 --out_dir out/vqgan_demo
+    python -m vqgan.train config/vqgan_demo.py          # the demo tokenizer, assets/vqgan_demo.pt
     # fine-tune the ImageNet f16 tokenizer on MUGE photos, with the patch discriminator after 2000 steps
-    python -m vqgan.train --init_from vqgan_imagenet_f16_1024/checkpoints/last.ckpt \\
-        --data dataset/ECommerce-T2I/T2I_train.img.tsv --val_data dataset/ECommerce-T2I/T2I_val.img.tsv \\
-        --image_size 256 --batch_size 8 --lr 2e-5 --disc_start 2000 --num_workers 6 --out_dir out/vqgan_muge
+    python -m vqgan.train --init_from=vqgan_imagenet_f16_1024/checkpoints/last.ckpt \\
+        --data=dataset/ECommerce-T2I/T2I_train.img.tsv --val_data=dataset/ECommerce-T2I/T2I_val.img.tsv \\
+        --batch_size=8 --learning_rate=2e-5 --disc_start=2000 --num_workers=6 --out_dir=out/vqgan_muge
 
-Images come from MUGE `*.img.tsv` files or folders of image files, streamed (never all in memory) and fitted
-to the square as prepare.py does. The loss is L1 (plus, optionally, squared error) and a multi-scale SSIM term,
-none of which needs a pretrained network; the codebook and commitment losses of the straight-through
-quantizer (or, with `--codebook_ema`, codes kept at running means of their latents); and, from `--disc_start`
-on, a hinge-loss patch discriminator whose weight follows the gradient scale of the reconstruction loss. A
-fresh codebook starts on encoder outputs, and codes unused for `--restart_every` steps are moved onto encoder
-outputs of the current batch.
+Settings as train.py takes them: recipe files of `name = value` lines, then `--name=value` flags. Images come
+from MUGE `*.img.tsv` files or folders of image files, streamed (never all in memory) and fitted to the square
+as prepare.py does. The loss is L1 (plus, optionally, squared error) and a multi-scale SSIM term, none of which
+needs a pretrained network; the codebook and commitment losses of the straight-through quantizer (or, with
+`codebook_ema`, codes kept at running means of their latents); and, from `disc_start` on, a hinge-loss patch
+discriminator whose weight follows the gradient scale of the reconstruction loss. A fresh codebook starts on
+encoder outputs, and codes unused for `restart_every` steps are moved onto encoder outputs of the batch.
 
-`<out_dir>/ckpt.pt` holds the whole training state (`--resume` continues it); `<out_dir>/vqgan.pt` only the
-weights and config, for prepare.py and generate.py. Both load with `vqgan.load_vqgan`.
+`<out_dir>/ckpt.pt` holds the whole training state (`--init_from=resume` continues it); `<out_dir>/vqgan.pt`
+only the weights and config, for prepare.py and generate.py. Both load with `vqgan.load_vqgan`. This script
+uses the project's data.py and utils.py; the rest of vqgan/ stands alone.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import random
@@ -32,7 +28,7 @@ import shlex
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -43,7 +39,18 @@ from PIL import Image
 from torch import nn
 
 from data import RESIZE_MODES, BadRowError, TsvRow, fit_to_square, image_from_base64, open_image, read_tsv
-from utils import Progress, autocast, pick_device, pick_dtype
+from utils import (
+    UserError,
+    autocast,
+    configure,
+    cosine_lr,
+    locked,
+    pick_device,
+    pick_dtype,
+    progress,
+    run_main,
+    setting,
+)
 
 from . import (
     VQGAN,
@@ -51,6 +58,7 @@ from . import (
     images_to_tensor,
     load_checkpoint_file,
     load_vqgan,
+    psnr,
     save_checkpoint_atomic,
     tensor_to_images,
 )
@@ -61,8 +69,78 @@ EXPORT_FILE = "vqgan.pt"  # weights and config only
 GRID_FILE = "reconstructions.png"
 
 
-class TrainError(Exception):
-    """A problem with the inputs or options that stops the run; the message says what to do."""
+@dataclass
+class VQGANTrainConfig:
+    """training the VQGAN (the architecture settings apply from scratch; fine-tuning keeps the checkpoint's)"""
+
+    data: list[str] = setting(None, "training images: MUGE *.img.tsv files and/or image folders, comma-separated")
+    val_data: list[str] | None = setting(None, "held-out images (same kinds); default: the first val_images of "
+                                         "data, left out of training")
+    val_images: int = setting(256, "held-out images to measure PSNR and codebook usage on")
+    image_size: int = setting(256, "train on square images of this side (pixels)")
+    resize: str = setting("pad", "fit images to the square as prepare.py does: pad keeps the whole product, crop "
+                          "the centre")
+    out_dir: str = setting("out/vqgan", f"writes {CKPT_FILE}, {EXPORT_FILE} and {GRID_FILE} here")
+    init_from: str = setting("scratch", "scratch, resume (continue <out_dir>/ckpt.pt), or a checkpoint to fine-tune "
+                             "(taming last.ckpt or ours)")
+    ch: int = setting(128, "channels of the first level (a multiple of 32)")
+    ch_mult: tuple[int, ...] = setting((1, 1, 2, 2, 4), "channel multiplier per level; n levels downsample by "
+                                       "2**(n-1)")
+    num_res_blocks: int = setting(2, "res blocks per encoder level")
+    attn_levels: tuple[int, ...] = setting((4,), "levels with self-attention (empty for none; the middle always "
+                                           "has it)")
+    z_channels: int = setting(256, "channels of the encoder output")
+    embed_dim: int = setting(256, "width of a codebook vector")
+    n_embed: int = setting(1024, "codebook size (at most 65536: codes are uint16)")
+    batch_size: int = setting(8, "images per step")
+    max_iters: int = setting(20000, "optimizer steps in total")
+    learning_rate: float = setting(1e-4, "peak Adam learning rate (also the discriminator's)")
+    min_lr: float = setting(1e-5, "learning rate at the end of the cosine decay")
+    warmup_iters: int = setting(200, "steps of linear warmup")
+    beta1: float = setting(0.5, "Adam beta1 (0.5, as is usual for GANs)")
+    beta2: float = setting(0.9, "Adam beta2")
+    grad_clip: float = setting(1.0, "clip the gradient norm to this (0: off)")
+    l1_weight: float = setting(1.0, "weight of the pixel L1 loss")
+    l2_weight: float = setting(0.0, "weight of the pixel squared error: large errors (a wrong colour) then weigh "
+                               "more, which speeds up training from scratch (e.g. 10)")
+    ssim_weight: float = setting(0.5, "weight of the multi-scale 1 - SSIM loss")
+    codebook_weight: float = setting(1.0, "weight of the codebook loss")
+    commit_beta: float = setting(0.25, "weight of the commitment loss")
+    codebook_ema: float = setting(0.0, "instead of the codebook loss, keep each code at a running mean of its "
+                                  "latents with this decay (e.g. 0.99: much faster from scratch); 0: the loss")
+    disc_start: int = setting(-1, "step at which the patch discriminator starts (-1: never)")
+    disc_weight: float = setting(0.5, "weight of the generator's GAN loss")
+    disc_adaptive: bool = setting(True, "scale the GAN loss to the reconstruction loss's gradient at the last layer")
+    disc_ch: int = setting(64, "discriminator width (a multiple of 8)")
+    disc_layers: int = setting(3, "discriminator stride-2 layers")
+    restart_every: int = setting(200, "every this many steps, codes unused since the last check move onto encoder "
+                                 "outputs (0: never)")
+    device: str = setting("", "cuda, cpu, ... (empty: the best there is)")
+    dtype: str = setting("", "autocast precision: float32, bfloat16 or float16 (empty: bfloat16 on GPUs that have "
+                         "it, float16 on others, float32 on the CPU)")
+    num_workers: int = setting(0, "image decoding processes (4-8 on a GPU machine)")
+    shuffle_buffer: int = setting(1024, "images held to shuffle the stream")
+    eval_interval: int = setting(1000, "steps between held-out PSNR and usage, and checkpoints")
+    seed: int = setting(0, "initialization and data order")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.data:
+            problems.append("--data is needed: MUGE *.img.tsv files or image folders")
+        if self.n_embed > 65536:
+            problems.append(f"--n_embed {self.n_embed}: codes are stored as uint16, so at most 65536")
+        if self.ch % 32 or self.ch <= 0:
+            problems.append(f"--ch {self.ch}: must be a positive multiple of 32 (GroupNorm uses 32 groups)")
+        if not self.ch_mult or any(level >= len(self.ch_mult) for level in self.attn_levels):
+            problems.append(f"--attn_levels {self.attn_levels} must name levels of --ch_mult {self.ch_mult}")
+        if self.disc_ch % 8:
+            problems.append(f"--disc_ch {self.disc_ch}: must be a multiple of 8")
+        if self.resize not in RESIZE_MODES:
+            problems.append(f"--resize must be one of {', '.join(RESIZE_MODES)}")
+        positive = ("batch_size", "max_iters", "val_images", "eval_interval", "image_size")
+        problems += [f"--{name} must be positive" for name in positive if getattr(self, name) <= 0]
+        if problems:
+            raise ValueError("; ".join(problems))
 
 
 # --- images ------------------------------------------------------------------------------------------------
@@ -76,12 +154,12 @@ def list_items(sources: list[str]) -> list[tuple[str, Path | None]]:
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
             if not files:
-                raise TrainError(f"{path}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
+                raise UserError(f"{path}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
             items.extend((str(p), p) for p in files)
         elif path.is_file():
             items.append((str(path), None))
         else:
-            raise TrainError(f"{path}: no such file or folder")
+            raise UserError(f"{path}: no such file or folder")
     return items
 
 
@@ -166,7 +244,7 @@ def load_held_out(sources: list[str], n: int, image_size: int, resize: str) -> t
         images.append(image)
         labels.append(where)
     if not images:
-        raise TrainError(f"no readable images in {', '.join(sources)}")
+        raise UserError(f"no readable images in {', '.join(sources)}")
     return np.stack(images), labels
 
 
@@ -337,12 +415,6 @@ def reconstruct(model: VQGAN, images: np.ndarray, batch_size: int) -> tuple[np.n
     return np.concatenate(outputs), torch.cat(all_codes)
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Peak signal-to-noise ratio in dB per uint8 image pair."""
-    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(len(a), -1).mean(axis=1)
-    return 10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))
-
-
 def codebook_stats(codes: torch.Tensor, n_embed: int) -> dict[str, float]:
     counts = torch.bincount(codes.flatten(), minlength=n_embed).double()
     p = counts / counts.sum()
@@ -376,7 +448,7 @@ def inference_checkpoint(model: VQGAN, step: int, metrics: dict, command: str) -
 
 
 def training_checkpoint(model: VQGAN, opt: Optimizers, step: int, usage_counts: torch.Tensor, metrics: dict,
-                        args: argparse.Namespace, command: str) -> dict:
+                        args: VQGANTrainConfig, command: str) -> dict:
     """Everything `--resume` needs, in a layout `load_vqgan` also reads."""
     ckpt = inference_checkpoint(model, step, metrics, command)
     ckpt.update({
@@ -429,7 +501,7 @@ class Forward(NamedTuple):
     codes: torch.Tensor
 
 
-def forward(model: VQGAN, x: torch.Tensor, args: argparse.Namespace, device: torch.device,
+def forward(model: VQGAN, x: torch.Tensor, args: VQGANTrainConfig, device: torch.device,
             dtype: torch.dtype) -> Forward:
     """Encode, quantize (fp32, so that code choice does not depend on the precision) and decode one batch."""
     with autocast(device, dtype):
@@ -459,26 +531,26 @@ class Optimizers(NamedTuple):
     codebook_ema: EMACodebook | None  # with --codebook_ema the codebook is a running mean, not trained by Adam
 
 
-def make_optimizers(model: VQGAN, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Optimizers:
+def make_optimizers(model: VQGAN, args: VQGANTrainConfig, device: torch.device, dtype: torch.dtype) -> Optimizers:
     codebook = model.quantize.embedding.weight
     codebook_ema = None
     if args.codebook_ema > 0:
         codebook_ema = EMACodebook(codebook, args.codebook_ema)
         codebook.requires_grad_(False)
     trained = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trained, lr=args.lr, betas=(args.beta1, args.beta2))
+    optimizer = torch.optim.Adam(trained, lr=args.learning_rate, betas=(args.beta1, args.beta2))
     disc = disc_optimizer = None
     if args.disc_start >= 0:
         disc = PatchDiscriminator(args.disc_ch, args.disc_layers).to(device)
-        disc_optimizer = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
+        disc_optimizer = torch.optim.Adam(disc.parameters(), lr=args.learning_rate, betas=(args.beta1, args.beta2))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     return Optimizers(optimizer, disc, disc_optimizer, scaler, codebook_ema)
 
 
-def train_step(model: VQGAN, x: torch.Tensor, args: argparse.Namespace, step: int, opt: Optimizers,
+def train_step(model: VQGAN, x: torch.Tensor, args: VQGANTrainConfig, step: int, opt: Optimizers,
                device: torch.device, dtype: torch.dtype) -> tuple[Forward, float, float]:
     """One update of the VQGAN, and of the discriminator once it is on: (forward pass, GAN weight, D loss)."""
-    lr = learning_rate(step, args)
+    lr = cosine_lr(step, args.learning_rate, args.min_lr, args.warmup_iters, args.max_iters)
     for group in opt.model.param_groups + (opt.disc_optimizer.param_groups if opt.disc_optimizer else []):
         group["lr"] = lr
     out = forward(model, x, args, device, dtype)
@@ -515,72 +587,53 @@ def train_step(model: VQGAN, x: torch.Tensor, args: argparse.Namespace, step: in
     return out, float(gan_weight), disc_loss
 
 
-def learning_rate(step: int, args: argparse.Namespace) -> float:
-    """Linear warmup, then cosine decay to `min_lr` at `max_steps`."""
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    progress = min(1.0, (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
-    return args.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
-
-
-def build_model(args: argparse.Namespace, resume: dict | None) -> tuple[VQGAN, bool]:
+def build_model(args: VQGANTrainConfig, resume: dict | None) -> tuple[VQGAN, bool]:
     """The model to train and whether its codebook is fresh (and so should start on encoder outputs)."""
     if resume is not None:
         model = VQGAN(VQGANConfig(**resume["config"]))
         model.load_state_dict(resume["state_dict"])
         return model, False
-    if args.init_from:
-        model = load_vqgan(args.init_from)  # architecture from the checkpoint; the size flags do not apply
-        return model.requires_grad_(True), False
+    if args.init_from != "scratch":
+        return load_vqgan(args.init_from).requires_grad_(True), False  # its architecture, not the size settings
     torch.manual_seed(args.seed)
-    cfg = VQGANConfig(ch=args.ch, ch_mult=args.ch_mult, num_res_blocks=args.num_res_blocks,
-                      attn_levels=args.attn_levels, z_channels=args.z_channels, embed_dim=args.embed_dim,
-                      n_embed=args.n_embed)
-    return VQGAN(cfg), True
+    return VQGAN(VQGANConfig(ch=args.ch, ch_mult=args.ch_mult, num_res_blocks=args.num_res_blocks,
+                             attn_levels=args.attn_levels, z_channels=args.z_channels, embed_dim=args.embed_dim,
+                             n_embed=args.n_embed)), True
 
 
-def train(args: argparse.Namespace) -> dict:
+def train(args: VQGANTrainConfig, command: str = "") -> dict:
     """Run training as `args` say; returns the final held-out metrics."""
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    command = shlex.join(["python", "-m", "vqgan.train", *sys.argv[1:]])
-    device = pick_device(args.device)
-    dtype = pick_dtype(device, args.dtype)
+    device = pick_device(args.device or None)
+    dtype = pick_dtype(device, args.dtype or None)
     ckpt_path = out_dir / CKPT_FILE
     resume = None
-    if args.resume:
+    if args.init_from == "resume":
         if not ckpt_path.is_file():
-            raise TrainError(f"{ckpt_path}: nothing to resume (run without --resume to start)")
+            raise UserError(f"{ckpt_path}: nothing to resume (--init_from=scratch starts a run)")
         resume = load_checkpoint_file(ckpt_path)
     elif ckpt_path.exists():
-        raise TrainError(f"{ckpt_path} exists: --resume continues that run; to start a new one, move it away or pick "
-                         "another --out_dir")
-
+        raise UserError(f"{ckpt_path} exists: --init_from=resume continues that run; to start a new one, move it "
+                        "away or pick another --out_dir")
     model, fresh_codebook = build_model(args, resume)
     model = model.to(device).train()
-    cfg = model.config
-    n_embed = cfg.n_embed
-    factor = cfg.downsample_factor
+    n_embed, factor = model.config.n_embed, model.config.downsample_factor
     if args.image_size % factor:
-        raise TrainError(f"--image_size {args.image_size} is not a multiple of the downsampling factor {factor}")
+        raise UserError(f"--image_size {args.image_size} is not a multiple of the downsampling factor {factor}")
     optimizers = make_optimizers(model, args, device, dtype)
     usage_counts = torch.zeros(n_embed, dtype=torch.long, device=device)
     step, metrics = 0, {}
     if resume is not None:
         restore_training_state(resume, optimizers)
-        usage_counts = resume["usage_counts"].to(device)
-        step, metrics = resume["step"], resume.get("metrics", {})
+        usage_counts, step, metrics = resume["usage_counts"].to(device), resume["step"], resume.get("metrics", {})
         print(f"resuming {ckpt_path} at step {step}", file=sys.stderr)
-
-    # Held-out images: --val_data, or else the first --val_images of --data, which training then skips.
-    val_sources = args.val_data or args.data
-    val_images, val_labels = load_held_out(val_sources, args.val_images, args.image_size, args.resize)
+    # Held-out images: val_data, or else the first val_images of data, which training then skips.
+    val_images, val_labels = load_held_out(args.val_data or args.data, args.val_images, args.image_size, args.resize)
     skip = frozenset() if args.val_data else frozenset(val_labels)
     # Reseeded by step, so a resumed run does not replay the images it has already seen.
     stream = ImageStream(args.data, args.image_size, args.resize, args.seed + step, args.shuffle_buffer, skip)
-    loader = torch.utils.data.DataLoader(stream, batch_size=args.batch_size, num_workers=args.num_workers,
-                                         collate_fn=np.stack, persistent_workers=args.num_workers > 0)
-    batches = iter(loader)
+    batches = iter(torch.utils.data.DataLoader(stream, batch_size=args.batch_size, num_workers=args.num_workers,
+                                               collate_fn=np.stack, persistent_workers=args.num_workers > 0))
     if fresh_codebook:
         # Codes start on encoder outputs of real images, not at random points that no input is near.
         first = _next_batch(batches, args)
@@ -589,160 +642,73 @@ def train(args: argparse.Namespace) -> dict:
         restart_dead_codes(model, torch.ones(n_embed, dtype=torch.bool, device=device), z, optimizers.model,
                            optimizers.codebook_ema)
         batches = itertools.chain([first], batches)
-    params = sum(p.numel() for p in model.parameters())
-    print(f"vqgan f{factor}, {n_embed} codes, {params / 1e6:.2f} M parameters, {args.image_size} px -> "
-          f"{args.image_size // factor}x{args.image_size // factor} codes; {device}, {str(dtype)[6:]}; "
-          f"{len(val_images)} held-out images", file=sys.stderr)
+    print(f"vqgan f{factor}, {n_embed} codes, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+          f"{args.image_size} px -> {args.image_size // factor}x{args.image_size // factor} codes; {device}, "
+          f"{str(dtype)[6:]}; {len(val_images)} held-out images", file=sys.stderr)
 
     def checkpoint() -> None:
         save(out_dir, training_checkpoint(model, optimizers, step, usage_counts, metrics, args, command))
 
-    window_start = step
-    bar = Progress(args.max_steps - step, desc=f"vqgan train from step {step}", unit="step")
-    started = time.perf_counter()
+    window_start, started = step, time.perf_counter()
     try:
-        while step < args.max_steps:
-            x = images_to_tensor(_next_batch(batches, args)).to(device)
-            out, gan_weight, disc_loss = train_step(model, x, args, step, optimizers, device, dtype)
-            usage_counts += torch.bincount(out.codes.flatten(), minlength=n_embed)
-            step += 1
-            used = int((usage_counts > 0).sum())
-            if args.restart_every > 0 and step - window_start >= args.restart_every:
-                restarted = restart_dead_codes(model, usage_counts == 0, out.z, optimizers.model,
-                                               optimizers.codebook_ema)
-                if restarted:
-                    print(f"step {step}: restarted {restarted} unused codes", file=sys.stderr)
-                usage_counts.zero_()
-                window_start = step
-            bar.update(1, postfix=f"loss {out.loss.item():.4f} l1 {out.l1.item():.4f} ssim {out.ssim.item():.4f} "
-                       f"vq {out.codebook.item():.4f} gan {gan_weight:.3g}/{disc_loss:.3f} "
-                       f"codes {used}/{n_embed} {bar.rate * args.batch_size:.1f} img/s")
-            if step % args.eval_every == 0 or step == args.max_steps:
-                metrics = {**evaluate(model, val_images, args.batch_size), "step": step}
-                print(f"step {step}: held-out PSNR {metrics['psnr']:.2f} dB, codebook usage "
-                      f"{metrics['codes_used']}/{n_embed} ({100 * metrics['usage']:.1f}%), perplexity "
-                      f"{metrics['perplexity']:.1f}, {time.perf_counter() - started:.0f} s", file=sys.stderr)
-            if step % args.ckpt_every == 0 or step == args.max_steps:
-                checkpoint()
+        with progress(args.max_iters - step, f"vqgan train from step {step}", "step") as bar:
+            while step < args.max_iters:
+                x = images_to_tensor(_next_batch(batches, args)).to(device)
+                out, gan_weight, disc_loss = train_step(model, x, args, step, optimizers, device, dtype)
+                usage_counts += torch.bincount(out.codes.flatten(), minlength=n_embed)
+                step += 1
+                if args.restart_every > 0 and step - window_start >= args.restart_every:
+                    restarted = restart_dead_codes(model, usage_counts == 0, out.z, optimizers.model,
+                                                   optimizers.codebook_ema)
+                    if restarted:
+                        bar.write(f"step {step}: restarted {restarted} unused codes", file=sys.stderr)
+                    usage_counts.zero_()
+                    window_start = step
+                bar.set_postfix_str(f"loss {out.loss.item():.4f} l1 {out.l1.item():.4f} ssim {out.ssim.item():.4f} "
+                                    f"vq {out.codebook.item():.4f} gan {gan_weight:.3g}/{disc_loss:.3f} codes "
+                                    f"{int((usage_counts > 0).sum())}/{n_embed}", refresh=False)
+                bar.update()
+                if step % args.eval_interval == 0 or step == args.max_iters:
+                    metrics = {**evaluate(model, val_images, args.batch_size), "step": step}
+                    bar.write(f"step {step}: held-out PSNR {metrics['psnr']:.2f} dB, codebook usage "
+                              f"{metrics['codes_used']}/{n_embed} ({100 * metrics['usage']:.1f}%), perplexity "
+                              f"{metrics['perplexity']:.1f}, {time.perf_counter() - started:.0f} s", file=sys.stderr)
+                    checkpoint()
     except KeyboardInterrupt:
-        print(f"\ninterrupted at step {step}: saving {ckpt_path}; continue with --resume", file=sys.stderr)
+        print(f"\ninterrupted at step {step}: saving {ckpt_path}; continue with --init_from=resume", file=sys.stderr)
         checkpoint()
-        raise SystemExit(130) from None
-    finally:
-        bar.close()
-    if not metrics or metrics.get("step") != step:
+        raise
+    if metrics.get("step") != step:  # a resumed run that had nothing left to do
         metrics = {**evaluate(model, val_images, args.batch_size), "step": step}
-        checkpoint()
     save_grid(model, val_images, out_dir / GRID_FILE)
-    print(f"done: {out_dir / EXPORT_FILE} (weights), {out_dir / CKPT_FILE} (training state), "
-          f"{out_dir / GRID_FILE}; held-out PSNR {metrics['psnr']:.2f} dB, codebook usage "
-          f"{metrics['codes_used']}/{n_embed}", file=sys.stderr)
+    print(f"done: {out_dir / EXPORT_FILE} (weights), {ckpt_path} (training state), {out_dir / GRID_FILE}; held-out "
+          f"PSNR {metrics['psnr']:.2f} dB, codebook usage {metrics['codes_used']}/{n_embed}", file=sys.stderr)
     return metrics
 
 
-def _next_batch(batches: Iterator[np.ndarray], args: argparse.Namespace) -> np.ndarray:
+def _next_batch(batches: Iterator[np.ndarray], args: VQGANTrainConfig) -> np.ndarray:
     batch = next(batches, None)
     if batch is None:  # the stream is endless unless it has no image at all
         held_out = "" if args.val_data else f" after holding out the first {args.val_images} for evaluation"
-        raise TrainError(f"no training images left in {', '.join(args.data)}{held_out}")
+        raise UserError(f"no training images left in {', '.join(args.data)}{held_out}")
     return batch
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.replace(" ", "").split(",") if v)
-
-
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The usage examples as written, and every flag's default."""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m vqgan.train", description=__doc__, formatter_class=_HelpFormatter)
-    add = parser.add_argument
-    add("--data", nargs="+", required=True, help="training images: MUGE *.img.tsv files and/or image folders")
-    add("--val_data", nargs="*", default=None,
-        help="held-out images (same kinds); default: the first --val_images of --data, left out of training")
-    add("--val_images", type=int, default=256, help="held-out images to measure PSNR and codebook usage on")
-    add("--image_size", type=int, default=256, help="train on square images of this side (pixels)")
-    add("--resize", choices=RESIZE_MODES, default="pad",
-        help="fit images to the square as prepare.py does: pad keeps the whole product, crop the centre")
-    add("--out_dir", default="out/vqgan", help=f"writes {CKPT_FILE}, {EXPORT_FILE} and {GRID_FILE} here")
-    add("--init_from", default=None,
-        help="fine-tune this checkpoint (taming last.ckpt or ours); its architecture replaces the flags below")
-    add("--resume", action="store_true", help=f"continue the run saved in <out_dir>/{CKPT_FILE}")
-    arch = parser.add_argument_group("architecture (from scratch; defaults are taming's f16 with 1024 codes)")
-    arch.add_argument("--ch", type=int, default=128, help="channels of the first level (a multiple of 32)")
-    arch.add_argument("--ch_mult", type=_int_list, default=(1, 1, 2, 2, 4),
-                      help="channel multiplier per level, comma-separated; n levels downsample by 2**(n-1)")
-    arch.add_argument("--num_res_blocks", type=int, default=2, help="res blocks per encoder level")
-    arch.add_argument("--attn_levels", type=_int_list, default=(4,),
-                      help="levels with self-attention, comma-separated (\"\" for none; the middle always has it)")
-    arch.add_argument("--z_channels", type=int, default=256, help="channels of the encoder output")
-    arch.add_argument("--embed_dim", type=int, default=256, help="width of a codebook vector")
-    arch.add_argument("--n_embed", type=int, default=1024, help="codebook size (at most 65536: codes are uint16)")
-    opt = parser.add_argument_group("optimization")
-    opt.add_argument("--batch_size", type=int, default=8, help="images per step")
-    opt.add_argument("--max_steps", type=int, default=20000, help="total optimizer steps (resume counts on)")
-    opt.add_argument("--lr", type=float, default=1e-4, help="peak Adam learning rate (also the discriminator's)")
-    opt.add_argument("--min_lr", type=float, default=1e-5, help="learning rate at the end of the cosine decay")
-    opt.add_argument("--warmup_steps", type=int, default=200, help="linear learning-rate warmup")
-    opt.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (0.5, as is usual for GANs)")
-    opt.add_argument("--beta2", type=float, default=0.9, help="Adam beta2")
-    opt.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
-    loss = parser.add_argument_group("losses")
-    loss.add_argument("--l1_weight", type=float, default=1.0, help="weight of the pixel L1 loss")
-    loss.add_argument("--l2_weight", type=float, default=0.0,
-                      help="weight of the pixel squared error: large errors (a wrong colour) then weigh more, "
-                      "which speeds up training from scratch (e.g. 10)")
-    loss.add_argument("--ssim_weight", type=float, default=0.5, help="weight of the multi-scale 1 - SSIM loss")
-    loss.add_argument("--codebook_weight", type=float, default=1.0, help="weight of the codebook loss")
-    loss.add_argument("--commit_beta", type=float, default=0.25, help="weight of the commitment loss")
-    loss.add_argument("--codebook_ema", type=float, default=0.0,
-                      help="instead of the codebook loss, keep each code at a running mean of its latents with this "
-                      "decay (e.g. 0.99: much faster from scratch); 0: the codebook loss")
-    loss.add_argument("--disc_start", type=int, default=-1,
-                      help="step at which the patch discriminator starts (-1: never)")
-    loss.add_argument("--disc_weight", type=float, default=0.5, help="weight of the generator's GAN loss")
-    loss.add_argument("--disc_adaptive", action=argparse.BooleanOptionalAction, default=True,
-                      help="scale the GAN loss to the reconstruction loss's gradient at the last layer")
-    loss.add_argument("--disc_ch", type=int, default=64, help="discriminator width (a multiple of 8)")
-    loss.add_argument("--disc_layers", type=int, default=3, help="discriminator stride-2 layers")
-    loss.add_argument("--restart_every", type=int, default=200,
-                      help="every this many steps, codes unused since the last check move onto encoder outputs "
-                      "(0: never)")
-    run = parser.add_argument_group("running")
-    run.add_argument("--device", default=None, help="cuda, cpu, ... (default: the best available)")
-    run.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                     help="autocast precision (default: bfloat16 on GPUs that have it, float16 on others, fp32 on CPU)")
-    run.add_argument("--num_workers", type=int, default=0, help="image decoding processes (4-8 on a GPU machine)")
-    run.add_argument("--shuffle_buffer", type=int, default=1024, help="images held to shuffle the stream")
-    run.add_argument("--eval_every", type=int, default=1000, help="measure held-out PSNR and usage every ... steps")
-    run.add_argument("--ckpt_every", type=int, default=1000, help="save the checkpoints every ... steps")
-    run.add_argument("--seed", type=int, default=0, help="initialization and data order")
-    return parser
-
-
-def check_args(args: argparse.Namespace) -> None:
-    if args.n_embed > 65536:
-        raise TrainError(f"--n_embed {args.n_embed}: codes are stored as uint16, so at most 65536")
-    if args.ch % 32 or args.ch <= 0:
-        raise TrainError(f"--ch {args.ch}: must be a positive multiple of 32 (GroupNorm uses 32 groups)")
-    if not args.ch_mult or any(level >= len(args.ch_mult) for level in args.attn_levels):
-        raise TrainError(f"--attn_levels {args.attn_levels} must name levels of --ch_mult {args.ch_mult}")
-    if args.disc_ch % 8:
-        raise TrainError(f"--disc_ch {args.disc_ch}: must be a multiple of 8")
-    for name in ("batch_size", "max_steps", "val_images", "eval_every", "ckpt_every", "image_size"):
-        if getattr(args, name) <= 0:
-            raise TrainError(f"--{name} must be positive")
-
-
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    try:
-        check_args(args)
-        return train(args)
-    except TrainError as e:
-        sys.exit(f"error: {e}")
+    argv = sys.argv[1:] if argv is None else argv
+    result: dict = {}
+
+    def run() -> None:
+        (args,), _ = configure(argv, (VQGANTrainConfig,), "-m vqgan.train", __doc__)
+        # Created and locked before any training: an unusable out_dir, or a second run on it, stops at once
+        # rather than at the first checkpoint.
+        with locked(args.out_dir, "vqgan.train run"):
+            result.update(train(args, shlex.join(["python", "-m", "vqgan.train", *argv])))
+
+    status = run_main("vqgan.train", run)
+    if status:
+        sys.exit(status)
+    return result
 
 
 if __name__ == "__main__":

@@ -1,0 +1,21 @@
+# The demo's text-image scorer: `python train.py config/scorer_demo.py` trains the one that ranks best-of-N
+# candidates on the even training rows into out/scorer; with `--rows=odd --out_dir=out/grader` the one that
+# grades R-precision in evaluate.py, on rows the first never saw. Each takes about a minute on two CPU cores.
+model = "scorer"
+rows = "even"
+out_dir = "out/scorer"
+n_layer = 2
+n_head = 4
+n_embd = 128
+text_n_layer = 2
+text_n_head = 4
+text_n_embd = 128
+batch_size = 64
+max_iters = 300
+warmup_iters = 30
+learning_rate = 1e-3
+min_lr = 1e-4
+weight_decay = 0.1
+eval_interval = 100
+eval_iters = 4
+log_interval = 20

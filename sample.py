@@ -1,0 +1,250 @@
+"""From a train.py checkpoint to pictures: the GPT, VQGAN and tokenizer it was trained with, captions drawn
+batch after batch by the static-cache sampler and decoded to pixels, PNG bytes and contact sheets.
+generate.py, evaluate.py and app.py all draw through here."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from transformers import PreTrainedTokenizerBase
+
+from model import GPT, Sampler, load_model, row_keys
+from scorer import Scorer, load_scorer
+from text import has_text, load_tokenizer, tokenize_captions
+from utils import Report, UserError, pick_dtype, sha256_file
+from vqgan import VQGAN, load_vqgan, tensor_to_images
+
+DEFAULT_CKPT = "out/best.pt"
+DEFAULT_CFG_SCALE = 3.0
+DEFAULT_CANDIDATES = 1
+DEFAULT_SEED = 1337
+OUTPUT_SIZE = 256  # MUGE submissions are 256x256 pictures
+# zlib level of the PNGs: on the demo's pictures at 256 px, level 3 writes files 15% larger than the default 6
+# in 40% of its time (BENCHMARKS.md, "PNG").
+PNG_LEVEL = 3
+
+
+@dataclass
+class Pipeline:
+    """A trained model with the VQGAN and tokenizer of its data."""
+
+    model: GPT
+    vq: VQGAN  # float32, for exact encoding and the round trip
+    decoder: VQGAN  # what decodes sampled codes: `vq`, or on a GPU a bfloat16 channels-last copy of it
+    tokenizer: PreTrainedTokenizerBase
+    ckpt: dict
+    timings: dict[str, float] = field(default_factory=lambda: {"sampling": 0.0, "decoding": 0.0})
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.head.weight.device
+
+    def caption_ids(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids [N, text_len] and the untruncated token counts [N]. A caption with no text becomes all
+        padding, the model's null caption (the tokenizer would give [CLS] [SEP], which it never saw)."""
+        ids, counts = tokenize_captions(self.tokenizer, captions, self.model.config.text_len)
+        ids[[not has_text(c) for c in captions]] = 0
+        return ids, counts
+
+    def sampler(self, batch_size: int, cfg_scale: float = DEFAULT_CFG_SCALE, temperature: float = 1.0,
+                top_k: int | None = None, top_p: float | None = None, compile: bool = False) -> Sampler:
+        return Sampler(self.model, batch_size, cfg_scale, temperature, top_k, top_p, compile)
+
+    def draw(self, text_ids: np.ndarray, keys: torch.Tensor, sampler: Sampler, scorer: Scorer | None = None
+             ) -> Iterator[np.ndarray]:
+        """uint8 pictures [b, H, W, 3], batch after batch, for captions `text_ids` [N, L] drawn with `keys`
+        [N, candidates] (model.row_keys). With several candidates per caption, all are drawn in one batch and
+        the one the `scorer` ranks highest is kept (without a scorer, the GPT's own guided score). Adds the
+        seconds spent to `timings`."""
+        candidates = keys.shape[1]
+        if candidates > 1 and scorer is None and not sampler.guided:
+            raise UserError("best-of-N without a scorer ranks by the GPT's own score, which needs guidance: "
+                            "a cfg_scale other than 0 and 1, or a scorer (train.py --model=scorer)")
+        step = sampler.batch_size // candidates
+        for start in range(0, len(text_ids), step):
+            started = time.perf_counter()
+            rows = torch.from_numpy(text_ids[start : start + step].astype(np.int64)).repeat_interleave(candidates, 0)
+            codes = sampler.sample(rows, keys[start : start + step].flatten())
+            if candidates > 1:
+                score = sampler.pmi[: len(rows)] if scorer is None else scorer.score(codes, rows.to(self.device))
+                best = score.view(-1, candidates).argmax(1)
+                codes = codes.view(-1, candidates, *codes.shape[1:])[torch.arange(len(best)), best.to(codes.device)]
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            decoding = time.perf_counter()
+            self.timings["sampling"] += decoding - started
+            pictures = self.decode(codes)
+            self.timings["decoding"] += time.perf_counter() - decoding
+            yield pictures
+
+    def draw_captions(self, captions: Sequence[str], seed: int = DEFAULT_SEED, batch_size: int = 32,
+                      candidates: int = 1, scorer: Scorer | None = None, **sampling: object) -> Iterator[np.ndarray]:
+        """One uint8 picture per caption, in order: what generate.py writes for the same settings."""
+        ids, _ = self.caption_ids(captions)
+        sampler = self.sampler(min(batch_size, max(1, len(captions))) * candidates, **sampling)
+        for pictures in self.draw(ids, row_keys(seed, range(len(captions)), candidates), sampler, scorer):
+            yield from pictures
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> np.ndarray:
+        """Codes [B, h, w] -> uint8 pictures [B, H, W, 3], in slices as large as free memory allows."""
+        chunk = 16
+        if self.device.type == "cuda":
+            # ~6 feature maps of the widest level at full size are alive at once (an estimate, with margin)
+            side = codes.shape[-1] * self.decoder.downsample_factor
+            per_image = 6 * self.decoder.config.ch * side * side * self.decoder.quant_conv.weight.element_size()
+            chunk = max(1, int(torch.cuda.mem_get_info(self.device)[0] // 2 // per_image))
+        return np.concatenate([tensor_to_images(self.decoder.decode(codes[i : i + chunk]))
+                               for i in range(0, len(codes), chunk)])
+
+
+def load_pipeline(ckpt_path: str | os.PathLike, device: torch.device, dtype: torch.dtype | None = None,
+                  vqgan_ckpt: str | None = None, data_dir: str | None = None, report: Report | None = None
+                  ) -> Pipeline:
+    """The GPT (in `dtype`: default bfloat16 on GPUs that have it), VQGAN and tokenizer of a checkpoint, found
+    where prepare.py recorded them; `vqgan_ckpt` and `data_dir` (the prepare.py output dir holding vocab.txt)
+    override that for a checkpoint that moved to another machine."""
+    report = report or Report()
+    if not Path(ckpt_path).is_file():
+        raise UserError(f"no checkpoint at {ckpt_path}: run train.py first (it writes {DEFAULT_CKPT}), or pass --ckpt")
+    model, ckpt = load_model(ckpt_path, device)
+    dtype = dtype or pick_dtype(device)
+    model.to(dtype)  # weights cast once, not at every step as autocast would
+    meta = ckpt.get("meta") or {}
+    tokenizer = load_tokenizer(meta.get("tokenizer", "vocab.txt"), data_dir or ckpt.get("data_dir"))
+    path = vqgan_ckpt or meta.get("vqgan_ckpt")
+    if not path:
+        raise UserError(f"{ckpt_path} records no VQGAN (its meta has no vqgan_ckpt): pass --vqgan_ckpt")
+    if not Path(path).is_file():
+        if vqgan_ckpt:
+            raise UserError(f"{path}: no such VQGAN checkpoint (--vqgan_ckpt)")
+        raise UserError(f"the VQGAN the data was prepared with, {path}, no longer exists: pass --vqgan_ckpt")
+    vq = load_vqgan(path, device)
+    if vq.codebook_size != model.config.codebook_size:
+        raise UserError(f"{path} has {vq.codebook_size} codes but the model draws from {model.config.codebook_size}: "
+                        "pass the VQGAN the data was prepared with")
+    if meta.get("vqgan_sha256") and sha256_file(path) != meta["vqgan_sha256"]:
+        report.warn(str(path), "not the VQGAN the data was prepared with",
+                    f"its sha256 differs from the one recorded in {ckpt_path}; pictures may come out wrong")
+    decoder = vq
+    if device.type == "cuda":
+        decoder = copy.deepcopy(vq).to(dtype=dtype, memory_format=torch.channels_last)
+    return Pipeline(model, vq, decoder, tokenizer, ckpt)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pictures
+
+
+def load_ranker(path: str | None, pipe: Pipeline, ckpt_path: str | os.PathLike) -> Scorer | None:
+    """The scorer that ranks best-of-N candidates: `path`; by default the one trained beside the GPT
+    (<its folder>/scorer/best.pt) when there is one; None for "gpt" or no scorer: the GPT's own score."""
+    if path == "gpt":
+        return None
+    default = Path(ckpt_path).parent / "scorer" / "best.pt"
+    if path is None and not default.is_file():
+        return None
+    scorer, _ = load_scorer(path or default, pipe.device)
+    for name in ("codebook_size", "grid_rows", "grid_cols", "text_len", "text_vocab_size", "text_encoder"):
+        if getattr(scorer.config, name) != getattr(pipe.model.config, name):
+            raise UserError(f"the scorer {path or default} was trained on other data than {ckpt_path} ({name}); pass "
+                            "the right --scorer, or --scorer gpt")
+    return scorer.to(pipe.model.head.weight.dtype)
+
+
+def resized(picture: np.ndarray, size: int | None) -> Image.Image:
+    image = Image.fromarray(picture)
+    if size and image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.LANCZOS)
+    return image
+
+
+def encode_picture(picture: np.ndarray, size: int | None = None, image_format: str = "png", quality: int = 95
+                   ) -> bytes:
+    """PNG (lossless, no timestamp: the same pixels always give the same bytes) or JPEG at `quality`."""
+    buffer = io.BytesIO()
+    if image_format == "png":
+        resized(picture, size).save(buffer, "PNG", compress_level=PNG_LEVEL)
+    else:
+        resized(picture, size).save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+# Fonts with Chinese glyphs that are often installed, tried when fontconfig finds none.
+CJK_FONT_PATHS = (
+    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/noto-cjk/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
+    "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc",
+    "/System/Library/Fonts/PingFang.ttc",
+    "C:/Windows/Fonts/msyh.ttc",
+)
+
+
+def find_cjk_font() -> str | None:
+    """A font file that has Chinese glyphs: fontconfig's pick for Chinese, else a well-known path."""
+    if shutil.which("fc-list"):
+        try:
+            listing = subprocess.run(["fc-list", ":lang=zh", "file"], capture_output=True, text=True, timeout=10)
+            # Regular weights read best at small sizes.
+            files = sorted((line.split(":")[0].strip() for line in listing.stdout.splitlines() if line.strip()),
+                           key=lambda name: ("regular" not in name.lower(), name))
+            if files:
+                return files[0]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return next((path for path in CJK_FONT_PATHS if os.path.isfile(path)), None)
+
+
+def write_grid(entries: Sequence[tuple[str, str, np.ndarray]], path: str | os.PathLike, font_path: str | None = None,
+               cell: int = 256) -> None:
+    """A contact sheet of (label, caption, picture): each picture at `cell` px with its label and caption (up to
+    three lines) underneath, in a font with Chinese glyphs when the system has one (and says so when not)."""
+    font_path = font_path or find_cjk_font()
+    if font_path is None:
+        print(f"no font with Chinese glyphs found (install fonts-noto-cjk or fonts-wqy-microhei): the captions in "
+              f"{path} show Chinese as boxes", file=sys.stderr)
+    font_size = max(10, cell // 16)
+    font = ImageFont.truetype(font_path, font_size) if font_path else ImageFont.load_default(size=font_size)
+    line_height, text_lines, margin = font_size + 4, 4, 6
+    columns = math.ceil(math.sqrt(len(entries)))
+    rows = math.ceil(len(entries) / columns)
+    cell_height = cell + text_lines * line_height + margin
+    sheet = Image.new("RGB", (columns * (cell + margin) + margin, rows * cell_height + margin), "white")
+    draw = ImageDraw.Draw(sheet)
+    for n, (label, caption, picture) in enumerate(entries):
+        x, y = margin + (n % columns) * (cell + margin), margin + (n // columns) * cell_height
+        sheet.paste(resized(picture, cell), (x, y))
+        lines = _wrap(label, font, cell, 1) + _wrap(caption or "(no caption)", font, cell, text_lines - 1)
+        for k, text in enumerate(lines):
+            draw.text((x, y + cell + 2 + k * line_height), text, fill="black", font=font)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+
+
+def _wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int, most: int) -> list[str]:
+    # Chinese has no spaces to break at, so lines break at any character; the last one ends in "…" if cut.
+    lines, current = [], ""
+    for char in text:
+        if font.getlength(current + char) > width:
+            lines.append(current)
+            current = ""
+        current += char
+    lines.append(current)
+    if len(lines) > most:
+        lines = lines[:most]
+        lines[-1] = lines[-1][:-1] + "…"
+    return lines
