@@ -34,7 +34,16 @@ import torch
 
 from data import read_text_tsv
 from model import Sampler, row_keys
-from sample import DEFAULT_CFG_SCALE, DEFAULT_CKPT, DEFAULT_SEED, OUTPUT_SIZE, Pipeline, load_pipeline, resized
+from sample import (
+    DEFAULT_CFG_SCALE,
+    DEFAULT_CKPT,
+    DEFAULT_SEED,
+    DEFAULT_TEMPERATURE,
+    OUTPUT_SIZE,
+    Pipeline,
+    load_pipeline,
+    resized,
+)
 from text import has_text
 from utils import UserError, pick_device, run_main
 
@@ -91,7 +100,7 @@ def _setting(value: object, what: str, low: float, high: float) -> float:
 
 
 def clean_request(title: object, cfg_scale: object = DEFAULT_CFG_SCALE, pictures: object = 4,
-                  seed: object = DEFAULT_SEED, top_k: object = 0, temperature: object = 1.0) -> Request:
+                  seed: object = DEFAULT_SEED, top_k: object = 0, temperature: object = DEFAULT_TEMPERATURE) -> Request:
     """A Request from whatever a browser or an API client sent. What can be mended is (a long title cut, the
     seed and the number of pictures brought into range), with a notice; a setting that makes no sense (a NaN
     guidance, a negative temperature) raises UserError with a message for the page."""
@@ -282,7 +291,7 @@ def build_page(batcher: Batcher, examples: list[str], heading: str = "") -> gr.B
         with gr.Accordion("More", open=False):
             top_k = gr.Slider(0, codebook_size, value=0, step=1, label="Top-k",
                               info="sample among the k most likely codes; 0 among all")
-            temperature = gr.Slider(0, MAX_TEMPERATURE, value=1.0, step=0.05, label="Temperature",
+            temperature = gr.Slider(0, MAX_TEMPERATURE, value=DEFAULT_TEMPERATURE, step=0.05, label="Temperature",
                                     info="0 always takes the most likely code")
         gallery = gr.Gallery(label="Pictures", columns=4, format="png", interactive=False,
                              buttons=["download", "fullscreen"], elem_id="pictures")

@@ -42,7 +42,7 @@ import generate
 import train
 from model import GPT, GPTConfig, Sampler, row_keys
 from utils import autocast, configure, memory_gib, pick_device, pick_dtype
-from vqgan import VQGAN, VQGANConfig, infer_config, save_checkpoint_atomic
+from vqgan import VQGAN, VQGANConfig, infer_config, load_vqgan, save_checkpoint_atomic
 
 ROOT = Path(__file__).resolve().parent
 SHARED = ROOT.parent / "shared"
@@ -153,14 +153,15 @@ def bench_vqgan_train(args: argparse.Namespace) -> None:
 
     device = pick_device(args.device)
     torch.manual_seed(0)
-    model = VQGAN(full_size_vqgan_config()).to(device).train()
+    model = load_vqgan(args.ckpt).requires_grad_(True) if args.ckpt else VQGAN(full_size_vqgan_config())
+    model = model.to(device).train()
     settings = VQGANTrainConfig(data=["unused"], batch_size=args.batch_size, disc_start=0 if args.disc else -1)
     dtype = pick_dtype(device, args.dtype)
     optimizers = make_optimizers(model, settings, device, dtype)
     x = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1
     step = seconds_per_call(lambda: train_step(model, x, settings, 1000, optimizers, device, dtype), device,
                             repeat=args.repeat)
-    print(f"machine: {describe_machine(device)}\nvqgan training step, f16 {args.image_size} px, batch "
+    print(f"machine: {describe_machine(device)}\nvqgan training step, {args.ckpt or 'f16'} {args.image_size} px, batch "
           f"{args.batch_size}, {str(dtype)[6:]}, {'with' if args.disc else 'without'} the discriminator: "
           f"{args.batch_size / step:.1f} images/s; peak {memory_gib(device)}")
     report("vqgan-train", device, batch_size=args.batch_size, disc=args.disc, images_per_sec=args.batch_size / step,
@@ -325,7 +326,6 @@ def write_checkpoint(folder: str, recipe: str | None, vqgan_path: str, captions:
                      text_len: int) -> str:
     """A train.py-style checkpoint with random weights, its char vocab and meta, for generate.py to load."""
     from text import build_char_vocab, write_vocab
-    from vqgan import load_vqgan
 
     vq = load_vqgan(vqgan_path)
     grid = image_size // vq.downsample_factor
@@ -590,7 +590,7 @@ def demo_training(budget: float) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parts = parser.add_subparsers(dest="part", required=True)
 
@@ -615,7 +615,9 @@ def main() -> None:
     p.add_argument("--decode_dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU)")
     p.add_argument("--compile", action="store_true", help="also time a compiled decoder")
 
-    p = add("vqgan-train", bench_vqgan_train, "VQGAN training images/s (vqgan/train.py's step), full size")
+    p = add("vqgan-train", bench_vqgan_train, "VQGAN training images/s (vqgan/train.py's step)")
+    p.add_argument("--ckpt", default=None, help="the architecture and weights of this VQGAN, e.g. "
+                   "assets/vqgan_demo.pt (default: the full-size f16 architecture, random weights)")
     p.add_argument("--image_size", type=int, default=256, help="square image side in pixels")
     p.add_argument("--batch_size", type=int, default=8, help="images per step")
     p.add_argument("--disc", action="store_true", help="include the patch discriminator and its adaptive weight")
@@ -644,6 +646,16 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=32, help="prepare.py --batch_size")
     p.add_argument("--num_workers", type=int, default=None, help="prepare.py --num_workers (default: its own)")
 
+    add_sampling_parts(add)
+    for name, p in parts.choices.items():
+        if "--device" not in p._option_string_actions and name != "train":  # train.py takes its own --device
+            p.add_argument("--device", default=None, help="cuda, cpu, ... (default: the best there is)")
+        if "--repeat" not in p._option_string_actions:
+            p.add_argument("--repeat", type=int, default=3, help="timed calls; the median is reported")
+    return parser
+
+
+def add_sampling_parts(add: Callable[[str, Callable, str], argparse.ArgumentParser]) -> None:
     for name, run, help_text in (("generate", bench_generate, "generate.py end to end on MUGE captions (random "
                                   "weights): seconds and the split"),
                                  ("steps", bench_steps, "seconds per decode step, eager and compiled, and the cache's "
@@ -670,12 +682,10 @@ def main() -> None:
             p.add_argument("--compile", action="store_true", help="also time the compiled step")
             p.add_argument("--no_cache", action="store_true", help="also time the uncached step and give the ratio")
             p.add_argument("--repeat", type=int, default=3, help="timed calls per figure; the median is reported")
-    for name, p in parts.choices.items():
-        if "--device" not in p._option_string_actions and name != "train":  # train.py takes its own --device
-            p.add_argument("--device", default=None, help="cuda, cpu, ... (default: the best there is)")
-        if "--repeat" not in p._option_string_actions:
-            p.add_argument("--repeat", type=int, default=3, help="timed calls; the median is reported")
 
+
+def main() -> None:
+    parser = build_parser()
     args, rest = parser.parse_known_args()
     if args.part != "train" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -48,6 +48,7 @@ from sample import (
     DEFAULT_CFG_SCALE,
     DEFAULT_CKPT,
     DEFAULT_SEED,
+    DEFAULT_TEMPERATURE,
     Pipeline,
     load_pipeline,
     load_ranker,
@@ -655,7 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
                           help="best-of-N candidates per caption (default: %(default)s)")
     sampling.add_argument("--scorer", default=None, help="what ranks the candidates, as generate.py's --scorer")
-    sampling.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default: 1.0)")
+    sampling.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                          help="softmax temperature (default: %(default)s)")
     sampling.add_argument("--top_k", type=int, default=None, help="sample among the k most likely codes")
     sampling.add_argument("--top_p", type=float, default=None, help="nucleus sampling threshold")
     sampling.add_argument("--seed", type=int, default=DEFAULT_SEED, help="as generate.py's (default: %(default)s)")

@@ -33,6 +33,7 @@ from sample import (
     DEFAULT_CFG_SCALE,
     DEFAULT_CKPT,
     DEFAULT_SEED,
+    DEFAULT_TEMPERATURE,
     OUTPUT_SIZE,
     encode_picture,
     load_pipeline,
@@ -255,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--cfg_scale", type=float, default=DEFAULT_CFG_SCALE,
                           help="classifier-free guidance: 1 conditional only (fastest), 0 unconditional, above 1 "
                           "follows the caption more closely at twice the sampling cost (default: %(default)s)")
-    sampling.add_argument("--temperature", type=float, default=1.0,
+    sampling.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
                           help="softmax temperature; 0 always takes the most likely code (default: %(default)s)")
     sampling.add_argument("--top_k", type=int, default=None, help="sample among the k most likely codes (default: all)")
     sampling.add_argument("--top_p", type=float, default=None,

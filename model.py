@@ -410,11 +410,24 @@ def adamw(model: nn.Module, weight_decay: float, learning_rate: float, betas: tu
 # sampling
 
 
+class KVCache(nn.Module):
+    """One block's self-attention keys and values [rows, n_head, block_size, head_dim], every position.
+
+    A buffer of its own per block: compiled, writing into it happens in place, where writing into a slice of
+    one buffer for all blocks would copy that slice whole at every step.
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+
 @dataclass
 class DecodeCache:
-    """One block's view of the sampler's static cache for the token being decoded."""
+    """What a block's self-attention needs to decode one token with the static cache."""
 
-    k: torch.Tensor  # [rows, n_head, block_size, head_dim]
+    k: torch.Tensor  # a KVCache's buffers
     v: torch.Tensor
     pos: torch.Tensor  # [1]: the position being decoded
     visible: torch.Tensor  # [1, block_size] bool: the slots written so far, this one included
@@ -450,8 +463,8 @@ class Sampler(nn.Module):
         def buffer(name: str, *shape: int, dtype: torch.dtype = weight.dtype) -> None:
             self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=weight.device), persistent=False)
 
-        buffer("k", cfg.n_layer, rows, cfg.n_head, cfg.block_size, head_dim)
-        buffer("v", cfg.n_layer, rows, cfg.n_head, cfg.block_size, head_dim)
+        shape = (rows, cfg.n_head, cfg.block_size, head_dim)
+        self.caches = nn.ModuleList(KVCache(shape, weight.dtype, weight.device) for _ in model.blocks)
         buffer("text_k", cfg.n_layer, batch_size, cfg.n_head, cfg.text_len, head_dim)
         buffer("text_v", cfg.n_layer, batch_size, cfg.n_head, cfg.text_len, head_dim)
         buffer("text_bias", batch_size, 1, 1, cfg.text_len)
@@ -479,7 +492,7 @@ class Sampler(nn.Module):
             x = torch.cat([x, x])
         visible = (torch.arange(model.config.block_size, device=pos.device) <= pos)[None]
         for i, block in enumerate(model.blocks):
-            cache = DecodeCache(self.k[i], self.v[i], pos, visible)
+            cache = DecodeCache(self.caches[i].k, self.caches[i].v, pos, visible)
             null_kv = (self.null_k[i], self.null_v[i]) if self.guided else None
             x = block(x, (self.text_k[i], self.text_v[i]), self.text_bias, cache, null_kv)
         logits = model.head(model.ln_f(x))[:, -1].float()

@@ -19,6 +19,7 @@ import data
 import demo
 import evaluate
 import prepare
+import sample
 import train
 from model import GPT, GPTConfig, load_model
 from vqgan import save_checkpoint_atomic
@@ -478,7 +479,8 @@ def test_demo_run_end_to_end(demo_run, no_pytorch_fid, matcher_once, run_evaluat
     # the grader beside the checkpoint scores both the drawn and the real pictures
     assert 0 <= result["r_precision"] <= 1 and 0 <= result["real_r_precision"] <= 1
     assert "r_precision" not in result["skipped"]
-    assert result["settings"] == {"cfg_scale": 1.0, "candidates": 1, "top_k": None, "top_p": None, "temperature": 1.0}
+    assert result["settings"] == {"cfg_scale": 1.0, "candidates": 1, "top_k": None, "top_p": None,
+                                  "temperature": sample.DEFAULT_TEMPERATURE}
     scores = result["demo"]
     assert scores["images"] == 10
     for key in ("colour", "category", "both"):
@@ -582,7 +584,7 @@ def test_sweep_scores_every_combination(demo_run, no_pytorch_fid, run_evaluate):
         (cfg, n, k) for cfg in (1.0, 3.0) for n in (1, 2) for k in (0, 5)]
     for row in rows:
         assert row["images"] == 4 and 0 <= row["r_precision"] <= 1 and row["sampling_seconds"] >= 0
-        assert row["settings"]["temperature"] == 1.0 and row["fid"] is None
+        assert row["settings"]["temperature"] == sample.DEFAULT_TEMPERATURE and row["fid"] is None
     # the metrics of the pictures are per row; those of the real pictures and the model once
     assert "r_precision" not in result and result["val_rows"] == 4 and result["real_r_precision"] is not None
     for flags, message in [(["--sweep", "cfg=1,3"], "expected NAME=V1,V2,... with NAME one of cfg_scale"),

@@ -112,7 +112,8 @@ def test_no_arguments_prepares_the_demo(tmp_path, monkeypatch):
     assert prepare.main([]) == 0
     meta = json.loads((tmp_path / "data/demo/meta.json").read_text())
     assert meta["image_size"] == 64 and meta["code_grid"] == [8, 8] and meta["text_len"] == 32
-    assert meta["splits"]["train"]["rows"] == 24 and meta["splits"]["val"]["rows"] == 8
+    # the demo trains on every picture and its mirror image (--flip)
+    assert meta["splits"]["train"]["rows"] == 2 * 24 and meta["splits"]["val"]["rows"] == 8
     assert meta["test_prompts"].endswith("data/demo_src/T2I_test.text.tsv")
     # Run again: the source is kept and the finished prepare is a no-op.
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("*") if p.is_file()}

@@ -171,7 +171,7 @@ def test_guidance_one_has_no_unconditional_stream(model, monkeypatch):
     monkeypatch.setattr(model, "encode_text", lambda ids: rows.append(len(ids)) or encode_text(ids))
     plain, guided = Sampler(model, 3, cfg_scale=1.0), Sampler(model, 3, cfg_scale=3.0)
     assert (plain.guided, guided.guided) == (False, True)
-    assert plain.k.shape[1] == plain.v.shape[1] == 3 and guided.k.shape[1] == 6
+    assert plain.caches[0].k.shape[0] == plain.caches[0].v.shape[0] == 3 and guided.caches[0].k.shape[0] == 6
     plain.sample(captions(), keys_of(range(3)))
     guided.sample(captions(), keys_of(range(3)))
     # both encode the batch's captions alone: the null caption's K/V were computed once, when built

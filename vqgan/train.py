@@ -601,20 +601,25 @@ def build_model(args: VQGANTrainConfig, resume: dict | None) -> tuple[VQGAN, boo
                              n_embed=args.n_embed)), True
 
 
+def load_resume_checkpoint(path: Path, args: VQGANTrainConfig) -> dict | None:
+    """The run to continue with --init_from=resume; None for a new run, which never replaces an old one."""
+    if args.init_from == "resume":
+        if not path.is_file():
+            raise UserError(f"{path}: nothing to resume (--init_from=scratch starts a run)")
+        return load_checkpoint_file(path)
+    if path.exists():
+        raise UserError(f"{path} exists: --init_from=resume continues that run; to start a new one, move it away or "
+                        "pick another --out_dir")
+    return None
+
+
 def train(args: VQGANTrainConfig, command: str = "") -> dict:
     """Run training as `args` say; returns the final held-out metrics."""
     out_dir = Path(args.out_dir)
     device = pick_device(args.device or None)
     dtype = pick_dtype(device, args.dtype or None)
     ckpt_path = out_dir / CKPT_FILE
-    resume = None
-    if args.init_from == "resume":
-        if not ckpt_path.is_file():
-            raise UserError(f"{ckpt_path}: nothing to resume (--init_from=scratch starts a run)")
-        resume = load_checkpoint_file(ckpt_path)
-    elif ckpt_path.exists():
-        raise UserError(f"{ckpt_path} exists: --init_from=resume continues that run; to start a new one, move it "
-                        "away or pick another --out_dir")
+    resume = load_resume_checkpoint(ckpt_path, args)
     model, fresh_codebook = build_model(args, resume)
     model = model.to(device).train()
     n_embed, factor = model.config.n_embed, model.config.downsample_factor
