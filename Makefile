@@ -25,12 +25,11 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# prepare.py and train.py with no arguments run the embedded demo (see README); the two scorers learn from
-# disjoint halves of its training rows: out/scorer ranks best-of-N candidates, out/grader grades R-precision.
+# prepare.py and train.py with no arguments run the embedded demo (see README); out/grader is the scorer that
+# grades R-precision, trained on the odd training rows (the even ones are for a best-of-N ranker, see README).
 demo: $(STAMP)
 	$(BIN)/python prepare.py
 	$(BIN)/python train.py $(call resume,out)
-	$(BIN)/python train.py config/scorer_demo.py $(call resume,out/scorer)
 	$(BIN)/python train.py config/scorer_demo.py --rows=odd --out_dir=out/grader $(call resume,out/grader)
 	$(BIN)/python generate.py --grid preview.png > T2I_test.tsv
 	$(BIN)/python evaluate.py --demo > demo_scores.json

@@ -40,7 +40,7 @@ import torch
 
 import generate
 import train
-from model import GPT, GPTConfig, Sampler, row_keys
+from model import GPT, GPTConfig, Sampler, attention_bias, row_keys
 from utils import autocast, configure, memory_gib, pick_device, pick_dtype
 from vqgan import VQGAN, VQGANConfig, infer_config, load_vqgan, save_checkpoint_atomic
 
@@ -413,8 +413,6 @@ def no_cache_ratio(model: GPT, text: torch.Tensor, cached_step: float, device: t
     """How many times longer an image takes without a cache: every step runs the blocks over the whole prefix
     (the caption's keys and values still once per prompt), timed at a few lengths and interpolated."""
     context, mask = model.encode_text(text)
-    from model import attention_bias
-
     bias = attention_bias(mask, context.dtype)
     text_kv = [block.cross_attn.text_kv(context) for block in model.blocks]
     codes = torch.randint(0, model.config.codebook_size, (len(text), model.config.block_size), device=device)

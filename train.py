@@ -71,7 +71,7 @@ class TrainConfig:
     beta2: float = setting(0.95, "AdamW beta2")
     grad_clip: float = setting(1.0, "clip the gradient norm to this (0: off)")
     eval_interval: int = setting(250, "steps between val loss and checkpoints")
-    eval_iters: int = setting(20, "batches per loss estimate")
+    eval_iters: int = setting(10, "batches per loss estimate")
     log_interval: int = setting(10, "steps between log lines")
     seed: int = setting(1337, "random seed")
     wandb_log: bool = setting(False, "log to Weights & Biases (needs wandb installed)")
