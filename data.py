@@ -39,6 +39,8 @@ IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 # conversion) plus the RGB result. 40 M RGB pixels, or a 16-bit grey image of 55 M, fit.
 MAX_DECODE_MB = 384
 RESIZE_MODES = ("pad", "crop")
+# prepare.py --flip stores a mirrored training picture under its img_id with this suffix
+FLIP_SUFFIX = "#flip"
 _URLSAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
 # Errors of a whole line: the img_id read from such a line cannot be trusted either.
 LINE_ERRORS = frozenset({"line too long", "malformed line", "bad img_id", "empty img_id"})
@@ -344,6 +346,17 @@ def open_split(data_dir: str | os.PathLike, split: str, meta: dict) -> tuple[np.
     if (0 if codes is None else len(codes)) != (0 if text is None else len(text)):
         raise UserError(f"{data_dir}: {split}.img.bin and {split}.txt.bin hold different numbers of rows")
     return None if codes is None else (codes, text)
+
+
+def half_of_train_rows(data_dir: str | os.PathLike, odd: bool) -> np.ndarray:
+    """Indices of the even or odd training pictures, each with its mirrored copy (prepare.py --flip), so that
+    two models trained on the two halves share no picture."""
+    path = Path(data_dir) / "train.ids.txt"
+    if not path.is_file():
+        raise UserError(f"{path} is missing: run prepare.py again for {data_dir}")
+    ids = path.read_text(encoding="utf-8").splitlines()
+    original = {img_id: i for i, img_id in enumerate(ids) if not img_id.endswith(FLIP_SUFFIX)}
+    return np.array([i for i, img_id in enumerate(ids) if original[img_id.removesuffix(FLIP_SUFFIX)] % 2 == odd])
 
 
 def check_ids(data_dir: str | os.PathLike, split: str, data: tuple[np.ndarray, np.ndarray], codebook_size: int,

@@ -34,6 +34,7 @@ import transformers
 
 import demo
 from data import (
+    FLIP_SUFFIX,
     MAX_DECODE_MB,
     RESIZE_MODES,
     BadRowError,
@@ -237,7 +238,7 @@ def encode_batch(batch: list[tuple[Row, np.ndarray]], vq: VQGAN, tokenizer, args
     if flipped:
         codes = vq.encode(images_to_tensor(np.ascontiguousarray(pixels[flipped, :, ::-1])))
         out.append("train", codes.reshape(len(flipped), -1).cpu().numpy(), tokens[flipped],
-                   [batch[i][0].img_id + "#flip" for i in flipped])
+                   [batch[i][0].img_id + FLIP_SUFFIX for i in flipped])
 
 
 def prepare_source(source: Source, captions: dict[str, Caption], text_rejects: list, val_fraction: float,

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data import check_ids, open_split, read_meta
+from data import check_ids, half_of_train_rows, open_split, read_meta
 from model import GPT, GPTConfig, adamw, peak_flops
 from scorer import Scorer
 from utils import (
@@ -259,7 +259,8 @@ def _train(tc: TrainConfig, mc: GPTConfig, given: set[str], device: torch.device
         log(f"note: {tc.data_dir} has no val rows; the val loss is measured on train rows")
         splits["val"] = splits["train"]
     if tc.rows != "all":
-        splits["train"] = tuple(array[tc.rows == "odd" :: 2] for array in splits["train"])
+        half = half_of_train_rows(tc.data_dir, odd=tc.rows == "odd")
+        splits["train"] = tuple(array[half] for array in splits["train"])
     ckpt = None
     if tc.init_from == "resume":
         ckpt = load_resume_checkpoint(out_dir / "ckpt.pt", meta, tc.data_dir, tc.model)

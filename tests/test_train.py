@@ -52,6 +52,7 @@ def write_data(data_dir: Path, codebook_size: int = CODEBOOK, train_rows: int = 
             codes[i] = (np.arange(GRID * GRID) * k) % codebook_size
         codes.tofile(data_dir / f"{split}.img.bin")
         text.tofile(data_dir / f"{split}.txt.bin")
+        (data_dir / f"{split}.ids.txt").write_text("".join(f"{split}{i}\n" for i in range(rows)))
     meta = {**tiny_meta(), "codebook_size": codebook_size, "pad_id": 0,
             "splits": {"train": {"rows": train_rows}, "val": {"rows": 16}}}
     (data_dir / "meta.json").write_text(json.dumps(meta))
