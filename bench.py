@@ -45,9 +45,8 @@ from utils import autocast, configure, memory_gib, pick_device, pick_dtype
 from vqgan import VQGAN, VQGANConfig, infer_config, load_vqgan, save_checkpoint_atomic
 
 ROOT = Path(__file__).resolve().parent
-SHARED = ROOT.parent / "shared"
-TAMING_FIXTURES = SHARED / "fixtures" / "taming"
-MUGE_CAPTIONS = SHARED / "data" / "muge_t2i_captions_5k.tsv"
+TAMING_FIXTURES = ROOT.parent / "shared" / "fixtures" / "taming"
+MUGE_CAPTIONS = ROOT.parent / "shared" / "data" / "muge_t2i_captions_5k.tsv"
 
 
 def describe_machine(device: torch.device) -> str:
@@ -115,8 +114,7 @@ def vqgan_checkpoint(name: str, folder: str) -> str:
     return path
 
 
-# ----------------------------------------------------------------------------------------------------------
-# the VQGAN
+# --- the VQGAN ----------------------------------------------------------------------------------------------
 
 
 def bench_vqgan(args: argparse.Namespace) -> None:
@@ -168,8 +166,7 @@ def bench_vqgan_train(args: argparse.Namespace) -> None:
            memory_gib=memory_gib(device))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# training
+# --- training -----------------------------------------------------------------------------------------------
 
 
 def write_synthetic_data(data_dir: str, rows: int, codebook_size: int, grid: int, text_len: int,
@@ -205,23 +202,18 @@ def saved_activation_bytes(model: GPT, batch_size: int) -> int:
 
 
 def estimate_gpu_memory(config: GPTConfig, batch_sizes: list[int]) -> dict[int, float]:
-    """GiB a GPU must have for bf16 training, predicted from CPU measurements: what the card reserves.
-
-    fp32 weights, gradients and AdamW's two moments take 16 bytes per trained parameter (4 per frozen one).
-    What autograd saves is measured at batch 1 and 2: the difference is the per-image activations, the rest
-    (mostly autocast's bf16 copies of the weights) is fixed; dropout masks are added by count (one byte per
-    element on CUDA), the logits' gradient (fp32 and bf16) on top. The caching allocator reserves more than is
-    allocated at the peak; the 25% here, and the 0.5 GiB of CUDA context and cuBLAS workspaces, are the usual
-    sizes, to be replaced by `bench.py train`'s measured reserved memory once a GPU has run it.
-    """
+    """GiB a GPU must have for bf16 training (what the card reserves), predicted from CPU measurements: a guess
+    until `bench.py train` has measured a GPU's reserved memory."""
     torch.manual_seed(0)
     model = GPT(dataclasses.replace(config, dropout=0.0)).train()
     one, two = (saved_activation_bytes(model, b) for b in (1, 2))
-    per_image, fixed = two - one, 2 * one - two
-    if config.dropout > 0:  # after the embeddings, and after self-attention, cross-attention and MLP
+    per_image, fixed = two - one, 2 * one - two  # fixed: mostly autocast's bf16 copies of the weights
+    if config.dropout > 0:  # one mask byte per element on CUDA: after the embeddings, self-attention, cross-attn, MLP
         per_image += (1 + 3 * config.n_layer) * config.block_size * config.n_embd
-    per_image += 6 * config.block_size * config.codebook_size
+    per_image += 6 * config.block_size * config.codebook_size  # the logits' gradient, fp32 and bf16
+    # fp32 weights, gradients and AdamW's two moments; a frozen parameter keeps only its weights
     states = sum((16 if p.requires_grad else 4) * p.numel() for p in model.parameters())
+    # the caching allocator's usual 25% over the peak, and 0.5 GiB of CUDA context and cuBLAS workspaces
     return {b: (1.25 * (states + fixed + b * per_image) + 0.5 * 2**30) / 2**30 for b in batch_sizes}
 
 
@@ -259,8 +251,7 @@ def bench_train(args: argparse.Namespace, flags: list[str]) -> None:
     report("train", device, config=args.config, **figures)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# prepare
+# --- prepare ------------------------------------------------------------------------------------------------
 
 
 def write_muge_tsvs(data_dir: str, rows: int, source_size: int) -> int:
@@ -304,8 +295,7 @@ def bench_prepare(args: argparse.Namespace) -> None:
             shutil.rmtree(data_dir)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# generation
+# --- generation ---------------------------------------------------------------------------------------------
 
 
 def read_captions(path: Path, limit: int = 0) -> list[tuple[str, str]]:
@@ -429,8 +419,7 @@ def no_cache_ratio(model: GPT, text: torch.Tensor, cached_step: float, device: t
     return float(per_image / (cached_step * model.config.block_size))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# the web page
+# --- the web page -------------------------------------------------------------------------------------------
 
 
 APP_TITLES = ("红色条纹T恤 2021夏季新款", "蓝色纯色连衣裙 韩版", "黑色运动鞋 男", "白色波点帽子", "绿色手提包 女",
@@ -438,9 +427,8 @@ APP_TITLES = ("红色条纹T恤 2021夏季新款", "蓝色纯色连衣裙 韩版
 
 
 def bench_app(args: argparse.Namespace) -> None:
-    """app.py under load, over plain HTTP to the page's API as scripts and browsers reach it: 8 requests one
-    after another, then 8 and 32 at once. Every request must come back with its pictures. Reports the seconds,
-    the sampler draws the batcher made (counted in app.py's log) and each burst's time against the 8 in a row."""
+    """app.py under load over HTTP, as scripts and browsers reach it: 8 requests in a row, then 8 and 32 at once;
+    every request must come back with its pictures. The batcher's draws are counted in app.py's log."""
     device = pick_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         with socket.socket() as s:
@@ -514,15 +502,12 @@ def bench_app(args: argparse.Namespace) -> None:
         raise SystemExit(f"app: {lost} requests came back without their {args.pictures} pictures")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# everything a lent GPU should measure
+# --- everything a lent GPU should measure -------------------------------------------------------------------
 
 
 def bench_gpu(args: argparse.Namespace) -> None:
     """Every GPU figure in one call, each part in its own process with a time limit so that a crash or a hang
-    costs only its part: the 5,000-caption run and its split, steps per batch size, VQGAN images/s, training
-    tokens/s, MFU and memory of the 16 GB recipe at batch 8, 16 and 32 (capped at 16 GiB), VQGAN fine-tuning,
-    and 200 steps of the recipe on the demo data. One table on stdout, everything in --out."""
+    costs only its part. One table on stdout, everything in --out."""
     recipe = "config/muge_16gb.py"
     train_flags = ["--codebook_size", "16384", "--gpu_memory_gib", "16", "--device", "cuda", "--steps", "12"]
     parts = [
@@ -549,13 +534,20 @@ def bench_gpu(args: argparse.Namespace) -> None:
     print(f"bench gpu: {time.perf_counter() - started:.0f} s; all results in {args.out}")
 
 
+def run_logged(command: list[str], limit: float, cwd: str | Path) -> tuple[str, int | str]:
+    """(stdout + stderr, return code or "timeout") of a command run for at most `limit` seconds."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=limit, cwd=cwd)
+        return done.stdout + done.stderr, done.returncode
+    except subprocess.TimeoutExpired as e:
+        # what a killed command had written comes back as bytes, even with text=True
+        output = [o.decode(errors="replace") if isinstance(o, bytes) else o or "" for o in (e.stdout, e.stderr)]
+        return "".join(output), "timeout"
+
+
 def run_part(name: str, command: list[str], limit: float) -> dict:
     """Run one part; its RESULT line, or its return code and the tail of its log."""
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=limit, cwd=ROOT)
-        log, rc = done.stdout + done.stderr, done.returncode
-    except subprocess.TimeoutExpired as e:
-        log, rc = f"{e.stdout or ''}{e.stderr or ''}", "timeout"
+    log, rc = run_logged(command, limit, ROOT)
     found = [json.loads(line[7:]) for line in log.splitlines() if line.startswith("RESULT ")]
     if not found:
         return {"part": name, "rc": rc, "log_tail": log[-1500:]}
@@ -566,6 +558,7 @@ def demo_training(budget: float) -> dict:
     """The 16 GB recipe for 200 steps on the demo data (prepare.py's defaults): the loss must fall, never NaN."""
     if budget < 60:
         return {"part": "demo-train", "rc": None, "error": "skipped: out of time"}
+    deadline = time.monotonic() + budget
     with tempfile.TemporaryDirectory() as tmp:
         os.symlink(ROOT / "assets", Path(tmp, "assets"))
         steps = [[sys.executable, str(ROOT / "prepare.py")],
@@ -574,18 +567,15 @@ def demo_training(budget: float) -> dict:
                   "--warmup_iters=20"]]
         log, rc = "", 0
         for command in steps:
-            try:
-                done = subprocess.run(command, capture_output=True, text=True, timeout=budget, cwd=tmp)
-                log, rc = log + done.stdout + done.stderr, done.returncode
-            except subprocess.TimeoutExpired:
-                return {"part": "demo-train", "rc": "timeout", "log_tail": log[-1500:]}
+            output, rc = run_logged(command, max(1.0, deadline - time.monotonic()), tmp)
+            log += output
             if rc:
                 break
     losses = [line for line in log.splitlines() if line.startswith(("step ", "iter "))]
     return {"part": "demo-train", "rc": rc, "log": losses[-12:], **({} if not rc else {"log_tail": log[-1500:]})}
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --- command line -------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -645,41 +635,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_workers", type=int, default=None, help="prepare.py --num_workers (default: its own)")
 
     add_sampling_parts(add)
+
     for name, p in parts.choices.items():
         if "--device" not in p._option_string_actions and name != "train":  # train.py takes its own --device
             p.add_argument("--device", default=None, help="cuda, cpu, ... (default: the best there is)")
-        if "--repeat" not in p._option_string_actions:
+        if name in ("vqgan", "vqgan-train"):
             p.add_argument("--repeat", type=int, default=3, help="timed calls; the median is reported")
     return parser
 
 
 def add_sampling_parts(add: Callable[[str, Callable, str], argparse.ArgumentParser]) -> None:
-    for name, run, help_text in (("generate", bench_generate, "generate.py end to end on MUGE captions (random "
-                                  "weights): seconds and the split"),
-                                 ("steps", bench_steps, "seconds per decode step, eager and compiled, and the cache's "
-                                  "gain")):
-        p = add(name, run, help_text)
+    """The generate and steps subcommands, which share the GPT's shape and the sampling flags."""
+    generate_part = add("generate", bench_generate, "generate.py end to end on MUGE captions (random weights): "
+                        "seconds and the split")
+    steps_part = add("steps", bench_steps, "seconds per decode step, eager and compiled, and the cache's gain")
+    for p, batch_sizes in ((generate_part, "32"), (steps_part, "1,64,256")):
         p.add_argument("config", nargs="?", help="a train.py recipe for the GPT's shape, e.g. config/muge_16gb.py")
-        p.add_argument("--batch_size", default="1,64,256" if name == "steps" else "32",
-                       help="comma-separated batch sizes, each timed in turn")
+        p.add_argument("--batch_size", default=batch_sizes, help="comma-separated batch sizes, each timed in turn")
         p.add_argument("--cfg_scale", type=float, default=3.0, help="guidance scale (1: no unconditional stream)")
         p.add_argument("--text_len", type=int, default=64, help="caption tokens")
-        if name == "generate":
-            p.add_argument("--captions", default=None, help=f"img_id<TAB>caption TSV (default: {MUGE_CAPTIONS})")
-            p.add_argument("--limit", type=int, default=64, help="captions to draw, the first ones (0: all)")
-            p.add_argument("--vqgan", choices=["tiny", "f16_1024", "small"], default="tiny",
-                           help="tiny: the taming fixture; f16_1024: full size, random weights; small: a random f4 "
-                           "(use --image_size 32)")
-            p.add_argument("--image_size", type=int, default=256, help="decoded side; the code grid is this / the "
-                           "VQGAN's factor")
-            p.add_argument("--compile", choices=["true", "false"], default=None, help="generate.py --compile")
-        else:
-            p.add_argument("--codebook_size", type=int, default=16384, help="codebook of the GPT")
-            p.add_argument("--grid", type=int, default=16, help="code grid side")
-            p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on GPU, fp32 on CPU)")
-            p.add_argument("--compile", action="store_true", help="also time the compiled step")
-            p.add_argument("--no_cache", action="store_true", help="also time the uncached step and give the ratio")
-            p.add_argument("--repeat", type=int, default=3, help="timed calls per figure; the median is reported")
+
+    p = generate_part
+    p.add_argument("--captions", default=None, help=f"img_id<TAB>caption TSV (default: {MUGE_CAPTIONS})")
+    p.add_argument("--limit", type=int, default=64, help="captions to draw, the first ones (0: all)")
+    p.add_argument("--vqgan", choices=["tiny", "f16_1024", "small"], default="tiny",
+                   help="tiny: the taming fixture; f16_1024: full size, random weights; small: a random f4 "
+                   "(use --image_size 32)")
+    p.add_argument("--image_size", type=int, default=256, help="decoded side; the code grid is this / the "
+                   "VQGAN's factor")
+    p.add_argument("--compile", choices=["true", "false"], default=None, help="generate.py --compile")
+
+    p = steps_part
+    p.add_argument("--codebook_size", type=int, default=16384, help="codebook of the GPT")
+    p.add_argument("--grid", type=int, default=16, help="code grid side")
+    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--compile", action="store_true", help="also time the compiled step")
+    p.add_argument("--no_cache", action="store_true", help="also time the uncached step and give the ratio")
+    p.add_argument("--repeat", type=int, default=3, help="timed calls per figure; the median is reported")
 
 
 def main() -> None:

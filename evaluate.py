@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 import demo
 from data import BadRowError, check_ids, image_from_base64, open_split, read_captions, read_meta, read_tsv
-from model import GPT, row_keys
+from model import GPT
 from sample import (
     DEFAULT_CANDIDATES,
     DEFAULT_CFG_SCALE,
@@ -55,17 +55,7 @@ from sample import (
     write_grid,
 )
 from scorer import Scorer, load_scorer
-from utils import (
-    Report,
-    UserError,
-    autocast,
-    batched,
-    pick_device,
-    pick_dtype,
-    progress,
-    results_stdout,
-    run_main,
-)
+from utils import Report, UserError, autocast, batched, pick_device, pick_dtype, progress, results_stdout, run_main
 from vqgan import VQGAN, CheckpointError, images_to_tensor, load_checkpoint_file, load_vqgan, psnr, tensor_to_images
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -95,27 +85,15 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
-def psd_sqrt(matrix: np.ndarray) -> np.ndarray:
-    """The symmetric square root of a symmetric positive semi-definite matrix.
-
-    Rounding makes the tiny eigenvalues of a rank-deficient covariance slightly negative; they are zero.
-    """
-    eigenvalues, eigenvectors = np.linalg.eigh((matrix + matrix.T) / 2)
-    return (eigenvectors * np.sqrt(np.clip(eigenvalues, 0.0, None))) @ eigenvectors.T
-
-
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2):
-    |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)).
-
-    sigma1 sigma2 is not symmetric, and a general matrix square root of it (scipy's sqrtm) turns complex or
-    fails when covariances are near-singular, as they are with fewer pictures than features. Its eigenvalues
-    are those of sqrt(sigma1) sigma2 sqrt(sigma1), which is symmetric positive semi-definite, so the trace comes
-    from a symmetric eigendecomposition instead, in float64, with no diagonal offset needed.
-    """
+    """Fréchet distance of N(mu1, sigma1) and N(mu2, sigma2): |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr(root),
+    root = (sigma1 sigma2)^(1/2). Not scipy's sqrtm: it turns complex on near-singular covariances (fewer pictures
+    than features); the symmetric sqrt(sigma1) sigma2 sqrt(sigma1) has the same eigenvalues, in float64."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-    root1 = psd_sqrt(sigma1)
+    # rounding makes the tiny eigenvalues of a rank-deficient covariance slightly negative; they are zero
+    eigenvalues, eigenvectors = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    root1 = (eigenvectors * np.sqrt(np.clip(eigenvalues, 0.0, None))) @ eigenvectors.T
     middle = root1 @ sigma2 @ root1
     trace_of_root = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0.0, None)).sum()
     difference = mu1 - mu2
@@ -129,9 +107,7 @@ def fid_of_features(features1: np.ndarray, features2: np.ndarray) -> float:
 
 def inception_score(logits: np.ndarray, splits: int = IS_SPLITS) -> tuple[float, float]:
     """exp(E_x KL(p(y|x) || p(y))) over each of `splits` consecutive parts of the pictures: (mean, std).
-
-    Uniform predictions give 1; confident predictions spread evenly over C classes give C.
-    """
+    Uniform predictions give 1; confident predictions spread evenly over C classes give C."""
     logits = np.asarray(logits, dtype=np.float64)
     log_p = logits - logits.max(axis=1, keepdims=True)
     log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
@@ -169,11 +145,8 @@ def extract_features(pictures: Iterable[np.ndarray], extractor: Extractor, devic
 
 
 class InceptionExtractor(nn.Module):
-    """The FID Inception network: 2048 pool features and the 1008 class logits of the Inception Score.
-
-    The logits leave out the classifier's bias, as the original Inception Score code did (it multiplied the
-    pool features by the softmax layer's weights alone), so that scores compare with published ones.
-    """
+    """The FID Inception network: 2048 pool features and the 1008 class logits of the Inception Score. The
+    logits leave out the classifier's bias, as the original IS code did, so that scores compare with published ones."""
 
     def __init__(self, network: nn.Module, class_weight: torch.Tensor):
         super().__init__()
@@ -186,17 +159,10 @@ class InceptionExtractor(nn.Module):
         return pool, pool @ self.class_weight.T
 
 
-def inception_weights_path(given: str | None) -> Path:
-    """The weights file to read: the one given, else where pytorch-fid itself caches it (torch hub)."""
-    return Path(given).expanduser() if given else Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_FILE
-
-
 def load_inception(weights: str | None, device: torch.device) -> InceptionExtractor:
-    """pytorch-fid's FID Inception with the weights in `weights` (or the torch hub cache); never downloads.
-
-    Raises InceptionUnavailable saying what to install or where to put the weights.
-    """
-    path = inception_weights_path(weights)
+    """pytorch-fid's FID Inception with the weights in `weights`, else where pytorch-fid caches them (torch hub);
+    never downloads. Raises InceptionUnavailable saying what to install or where to put the weights."""
+    path = Path(weights).expanduser() if weights else Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_FILE
     problems = []
     try:
         import pytorch_fid.inception as fid_inception
@@ -237,7 +203,6 @@ def load_inception(weights: str | None, device: torch.device) -> InceptionExtrac
     return InceptionExtractor(network, class_weight).to(device).eval()
 
 
-# ----------------------------------------------------------------------------------------------------------
 # ----------------------------------------------------------------------------------------------------------
 # the val split
 
@@ -282,11 +247,6 @@ def open_val_split(data_dir: str, source_dir: str | None, max_images: int) -> Va
     return ValSplit(data_dir, meta, ids[:n], arrays[0][:n], arrays[1][:n], [captions[i] for i in ids[:n]], image_tsv)
 
 
-def fitted(field: bytes, meta: dict) -> np.ndarray:
-    """A base64 picture fitted to the square exactly as prepare.py fitted the training pictures."""
-    return image_from_base64(field, meta["image_size"], meta.get("resize", "pad"))
-
-
 def pictures_of(path: Path, split: ValSplit, report: Report, generated: bool) -> Iterator[tuple[int, np.ndarray]]:
     """(row, picture) of an `img_id \\t base64` file for the val rows being scored. A generated file must
     answer every one of them: FID over a part is no FID."""
@@ -306,7 +266,8 @@ def pictures_of(path: Path, split: ValSplit, report: Report, generated: bool) ->
                                                                      "its second picture"))
             continue
         try:
-            yield index, fitted(row.value, split.meta)
+            # fitted to the square exactly as prepare.py fitted the training pictures
+            yield index, image_from_base64(row.value, split.meta["image_size"], split.meta.get("resize", "pad"))
         except BadRowError as e:
             report.warn(where, "unreadable picture", f"{row.img_id}: {e}")
         if not wanted and not generated:
@@ -496,10 +457,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         skipped["generation"] = "nothing would look at the pictures (no FID or IS, no grader, no --demo, no --grid)"
     else:
         rows = [score_setting(pipe, split, sampling, args, tools, real, ceiling, report) for sampling in settings]
+    kept = [row.pop("kept") for row in rows]
     if args.grid and rows:
-        write_pairs_grid(args.grid, args.grid_font, split, real.kept, rows[0].pop("kept"))
-    for row in rows:
-        row.pop("kept", None)
+        write_pairs_grid(args.grid, args.grid_font, split, real.kept, kept[0])
     for metric in skipped:
         for row in rows:
             row.setdefault(metric, None)
@@ -513,8 +473,14 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 def score_setting(pipe: Pipeline | None, split: ValSplit, sampling: dict[str, Any], args: argparse.Namespace,
                   tools: Tools, real: Tally, ceiling: dict | None, report: Report) -> dict[str, Any]:
     """The metrics of the pictures drawn with one setting (or read from --generated)."""
-    pictures = draw_val(pipe, split, sampling, args) if pipe else pictures_of(Path(args.generated), split, report,
-                                                                              generated=True)
+    if pipe:  # one picture per val caption, as generate.py draws them
+        sampler_settings = dict(sampling)
+        candidates = sampler_settings.pop("candidates")
+        ranker = load_ranker(args.scorer, pipe, args.ckpt or DEFAULT_CKPT) if candidates > 1 else None
+        drawn = pipe.draw_captions(split.captions, args.seed, args.batch_size, candidates, ranker, **sampler_settings)
+        pictures = enumerate(drawn)
+    else:
+        pictures = pictures_of(Path(args.generated), split, report, generated=True)
     tally, started = Tally(), time.perf_counter()
     for chunk in batched(progress_of(pictures, len(split.ids), "generated pictures"), args.batch_size):
         tally.add(chunk, tools)
@@ -528,28 +494,15 @@ def score_setting(pipe: Pipeline | None, split: ValSplit, sampling: dict[str, An
             "sampling_seconds": sampling_seconds, "kept": tally.kept}
 
 
-def draw_val(pipe: Pipeline, split: ValSplit, sampling: dict[str, Any], args: argparse.Namespace
-             ) -> Iterator[tuple[int, np.ndarray]]:
-    """(row, picture) drawn for every val caption, as generate.py draws them."""
-    candidates = sampling["candidates"]
-    scorer = load_ranker(args.scorer, pipe, args.ckpt or DEFAULT_CKPT) if candidates > 1 else None
-    sampler = pipe.sampler(min(args.batch_size, len(split.ids)) * candidates, sampling["cfg_scale"],
-                           sampling["temperature"], sampling["top_k"], sampling["top_p"])
-    ids, _ = pipe.caption_ids(split.captions)
-    pictures = (p for batch in pipe.draw(ids, row_keys(args.seed, range(len(ids)), candidates), sampler, scorer)
-                for p in batch)
-    return enumerate(pictures)
-
-
 def load_extractor(args: argparse.Namespace, device: torch.device, skipped: dict[str, str]) -> Extractor | None:
-    if args.no_inception:
-        skipped.update(fid="--no_inception", inception_score="--no_inception")
-        return None
-    try:
-        return load_inception(args.inception_weights, device)
-    except InceptionUnavailable as e:
-        skipped.update(fid=str(e), inception_score=str(e))
-        return None
+    reason = "--no_inception"
+    if not args.no_inception:
+        try:
+            return load_inception(args.inception_weights, device)
+        except InceptionUnavailable as e:
+            reason = str(e)
+    skipped.update(fid=reason, inception_score=reason)
+    return None
 
 
 def load_grader(args: argparse.Namespace, ckpt: str | None, split: ValSplit, vq: VQGAN | None, device: torch.device,

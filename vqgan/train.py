@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -52,20 +52,14 @@ from utils import (
     setting,
 )
 
-from . import (
-    VQGAN,
-    VQGANConfig,
-    images_to_tensor,
-    load_checkpoint_file,
-    load_vqgan,
-    psnr,
-    save_checkpoint_atomic,
-    tensor_to_images,
-)
+from .checkpoint import load_checkpoint_file, load_vqgan, save_checkpoint_atomic
+from .image import images_to_tensor, psnr, tensor_to_images
+from .model import VQGAN, VQGANConfig
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CKPT_FILE = "ckpt.pt"  # full training state
 EXPORT_FILE = "vqgan.pt"  # weights and config only
+EXPORT_KEYS = ("state_dict", "config", "step", "metrics", "command")  # what prepare.py and generate.py need
 GRID_FILE = "reconstructions.png"
 
 
@@ -163,16 +157,13 @@ def list_items(sources: list[str]) -> list[tuple[str, Path | None]]:
     return items
 
 
-def stream_images(
-    sources: list[str], image_size: int, resize: str, order: random.Random | None = None,
-    skip: frozenset = frozenset(), shard: tuple[int, int] = (0, 1),
-) -> Iterator[tuple[str, np.ndarray]]:
+def stream_images(sources: list[str], image_size: int, resize: str, order: random.Random | None = None,
+                  skip: frozenset = frozenset(), shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[str, np.ndarray]]:
     """(label, uint8 [S, S, 3]) for every readable image: in file order, or with `order`, files shuffled.
 
-    `label` is `file:line` for TSV rows and the path for image files; labels in `skip` are left out.
-    Unreadable images are reported on stderr and skipped. `shard` (index, count) keeps every count-th image,
-    so that data-loading workers split the work (they must then share the same `order`).
-    """
+    Labels are `file:line` for TSV rows and paths for image files; those in `skip` are left out, and unreadable
+    images are reported on stderr. `shard` (index, count) keeps every count-th image, so that DataLoader workers
+    split the work (they must then share the same `order`)."""
     items = list_items(sources)
     if order is not None:
         order.shuffle(items)  # a TSV's rows stay in file order: the shuffle buffer mixes them
@@ -237,26 +228,18 @@ class ImageStream(torch.utils.data.IterableDataset):
 
 def load_held_out(sources: list[str], n: int, image_size: int, resize: str) -> tuple[np.ndarray, list[str]]:
     """The first `n` readable images (in file order) and their labels."""
-    images, labels = [], []
-    for where, image in stream_images(sources, image_size, resize):
-        if len(images) == n:
-            break
-        images.append(image)
-        labels.append(where)
-    if not images:
+    found = list(itertools.islice(stream_images(sources, image_size, resize), n))
+    if not found:
         raise UserError(f"no readable images in {', '.join(sources)}")
-    return np.stack(images), labels
+    return np.stack([image for _, image in found]), [label for label, _ in found]
 
 
 # --- losses ------------------------------------------------------------------------------------------------
 
 
 def quantize(model: VQGAN, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Nearest-code quantization that gradients pass straight through to the encoder.
-
-    Returns (quantized latents, codes, codebook loss, commitment loss): the codebook loss pulls the chosen
-    codes towards the encoder outputs, the commitment loss keeps the encoder near its codes.
-    """
+    """Straight-through nearest-code quantization: (quantized latents, codes, codebook loss, which pulls the codes
+    towards the encoder outputs, commitment loss, which keeps the encoder near its codes)."""
     with torch.no_grad():
         codes = model.quantize.codes(z)
     z_q = model.quantize.lookup(codes)
@@ -269,7 +252,7 @@ def _gaussian_window(size: int = 7, sigma: float = 1.5) -> torch.Tensor:
     x = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
     g = torch.exp(-(x**2) / (2 * sigma**2))
     g = g / g.sum()
-    return (g[:, None] * g[None, :]).expand(3, 1, size, size).contiguous()
+    return torch.outer(g, g).expand(3, 1, size, size).contiguous()
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
@@ -337,12 +320,9 @@ def adaptive_gan_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_lay
 
 
 class EMACodebook:
-    """Codebook vectors kept as running means of the encoder outputs assigned to them (`--codebook_ema`).
-
-    An alternative to the codebook loss: Adam moves a code by about the learning rate per step, so a fresh
-    codebook needs thousands of steps to reach the latents, while a running mean follows them within about
-    1 / (1 - decay) steps. Each code starts as if it had been assigned one latent equal to itself.
-    """
+    """Codebook vectors kept as running means of the encoder outputs assigned to them (`--codebook_ema`): Adam
+    moves a fresh code by about the learning rate per step, thousands of steps from the latents, while a running
+    mean follows them within about 1 / (1 - decay) steps. Each code starts as if assigned one latent: itself."""
 
     def __init__(self, weight: torch.Tensor, decay: float):
         self.decay = decay
@@ -373,22 +353,18 @@ class EMACodebook:
 
 
 def restart_dead_codes(model: VQGAN, dead: torch.Tensor, z: torch.Tensor, optimizer: torch.optim.Optimizer,
-                       ema: EMACodebook | None = None, generator: torch.Generator | None = None) -> int:
-    """Move the `dead` codes (bool [n_embed]) onto random encoder outputs `z` [B, D, h, w] of this batch.
-
-    A code no input maps to gets no update and would stay unused forever; placed on a real latent it starts
-    winning inputs. Their optimizer moments (or running means) restart too, so that stale history does not
-    pull them away.
-    """
+                       ema: EMACodebook | None = None) -> int:
+    """Move the `dead` codes (bool [n_embed]) onto random encoder outputs `z` [B, D, h, w] of this batch, where
+    they start winning inputs, and restart their optimizer moments (or running means), whose history is stale."""
     dead_ids = dead.nonzero().flatten()
     if len(dead_ids) == 0:
         return 0
     latents = z.detach().float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
     # With replacement only when the batch has fewer latents than dead codes; the noise separates duplicates.
-    picks = torch.randperm(len(latents), generator=generator)[: len(dead_ids)].to(latents.device)
+    picks = torch.randperm(len(latents))[: len(dead_ids)].to(latents.device)
     if len(picks) < len(dead_ids):
-        picks = torch.randint(len(latents), (len(dead_ids),), generator=generator).to(latents.device)
-    noise = torch.randn(len(dead_ids), latents.shape[1], generator=generator).to(latents.device)
+        picks = torch.randint(len(latents), (len(dead_ids),)).to(latents.device)
+    noise = torch.randn(len(dead_ids), latents.shape[1]).to(latents.device)
     weight = model.quantize.embedding.weight
     with torch.no_grad():
         weight[dead_ids] = latents[picks] + 0.01 * latents.std() * noise
@@ -415,77 +391,46 @@ def reconstruct(model: VQGAN, images: np.ndarray, batch_size: int) -> tuple[np.n
     return np.concatenate(outputs), torch.cat(all_codes)
 
 
-def codebook_stats(codes: torch.Tensor, n_embed: int) -> dict[str, float]:
-    counts = torch.bincount(codes.flatten(), minlength=n_embed).double()
-    p = counts / counts.sum()
-    entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
-    used = int((counts > 0).sum())
-    return {"codes_used": used, "usage": used / n_embed, "perplexity": math.exp(entropy)}
-
-
 def evaluate(model: VQGAN, images: np.ndarray, batch_size: int) -> dict[str, float]:
     """PSNR of the round trip and codebook usage on held-out images."""
     recon, codes = reconstruct(model, images, batch_size)
-    return {"psnr": float(psnr(images, recon).mean()), **codebook_stats(codes, model.codebook_size),
-            "images": len(images)}
+    counts = torch.bincount(codes.flatten(), minlength=model.codebook_size).double()
+    p = counts[counts > 0] / counts.sum()
+    return {"psnr": float(psnr(images, recon).mean()), "codes_used": len(p), "usage": len(p) / model.codebook_size,
+            "perplexity": math.exp(-(p * p.log()).sum().item()), "images": len(images)}
 
 
-def save_grid(model: VQGAN, images: np.ndarray, path: Path, n: int = 16, batch_size: int = 16) -> None:
-    """Originals above their reconstructions, `n` per row pair, for looking at rather than measuring."""
-    images = images[:n]
-    recon, _ = reconstruct(model, images, batch_size)
-    rows = [np.concatenate(list(images), axis=1), np.concatenate(list(recon), axis=1)]
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+def save_grid(model: VQGAN, images: np.ndarray, path: Path) -> None:
+    """The first 16 originals above their reconstructions, for looking at rather than measuring."""
+    recon, _ = reconstruct(model, images[:16], batch_size=16)
+    Image.fromarray(np.vstack([np.hstack(images[:16]), np.hstack(recon)])).save(path)
 
 
 # --- checkpoints -------------------------------------------------------------------------------------------
 
 
-def inference_checkpoint(model: VQGAN, step: int, metrics: dict, command: str) -> dict:
-    """What prepare.py and generate.py need: the weights under taming's names and the architecture."""
-    return {"state_dict": model.state_dict(), "config": asdict(model.config), "step": step, "metrics": metrics,
-            "command": command}
-
-
 def training_checkpoint(model: VQGAN, opt: Optimizers, step: int, usage_counts: torch.Tensor, metrics: dict,
                         args: VQGANTrainConfig, command: str) -> dict:
-    """Everything `--resume` needs, in a layout `load_vqgan` also reads."""
-    ckpt = inference_checkpoint(model, step, metrics, command)
-    ckpt.update({
-        "optimizer": opt.model.state_dict(),
-        "discriminator": opt.disc.state_dict() if opt.disc is not None else None,
-        "disc_optimizer": opt.disc_optimizer.state_dict() if opt.disc_optimizer is not None else None,
-        "scaler": opt.scaler.state_dict(),
-        "codebook_ema": opt.codebook_ema.state_dict() if opt.codebook_ema is not None else None,
-        "usage_counts": usage_counts,
-        "train_config": vars(args),
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-    })
+    """Everything `--init_from=resume` needs, in a layout `load_vqgan` also reads (taming's weight names)."""
+    ckpt = {"state_dict": model.state_dict(), "config": asdict(model.config), "step": step, "metrics": metrics,
+            "command": command,
+            **{key: part.state_dict() if part is not None else None for key, part in opt.parts()},
+            "usage_counts": usage_counts, "train_config": vars(args),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
     if torch.cuda.is_available():
         ckpt["rng"]["cuda"] = torch.cuda.get_rng_state_all()
     return ckpt
 
 
 def restore_training_state(ckpt: dict, opt: Optimizers) -> None:
-    """Optimizer, discriminator, loss scale and random state of a `training_checkpoint` (weights are loaded
-    with the model)."""
-    opt.model.load_state_dict(ckpt["optimizer"])
-    if opt.disc is not None and ckpt.get("discriminator") is not None:
-        opt.disc.load_state_dict(ckpt["discriminator"])
-        opt.disc_optimizer.load_state_dict(ckpt["disc_optimizer"])
-    opt.scaler.load_state_dict(ckpt["scaler"])
-    if opt.codebook_ema is not None and ckpt.get("codebook_ema") is not None:
-        opt.codebook_ema.load_state_dict(ckpt["codebook_ema"])
+    """All of a `training_checkpoint` but the weights, which are loaded with the model."""
+    for key, part in opt.parts():
+        if part is not None and ckpt.get(key) is not None:
+            part.load_state_dict(ckpt[key])
     torch.set_rng_state(ckpt["rng"]["torch"])
     random.setstate(ckpt["rng"]["python"])
     if "cuda" in ckpt["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-
-
-def save(out_dir: Path, ckpt: dict) -> None:
-    save_checkpoint_atomic(ckpt, out_dir / CKPT_FILE)
-    export = {k: ckpt[k] for k in ("state_dict", "config", "step", "metrics", "command")}
-    save_checkpoint_atomic(export, out_dir / EXPORT_FILE)
 
 
 class Forward(NamedTuple):
@@ -501,8 +446,7 @@ class Forward(NamedTuple):
     codes: torch.Tensor
 
 
-def forward(model: VQGAN, x: torch.Tensor, args: VQGANTrainConfig, device: torch.device,
-            dtype: torch.dtype) -> Forward:
+def forward(model: VQGAN, x: torch.Tensor, args: VQGANTrainConfig, device: torch.device, dtype: torch.dtype) -> Forward:
     """Encode, quantize (fp32, so that code choice does not depend on the precision) and decode one batch."""
     with autocast(device, dtype):
         z = model.latents(x)
@@ -529,6 +473,11 @@ class Optimizers(NamedTuple):
     disc_optimizer: torch.optim.Optimizer | None
     scaler: torch.amp.GradScaler  # loss scaling for float16; a no-op otherwise
     codebook_ema: EMACodebook | None  # with --codebook_ema the codebook is a running mean, not trained by Adam
+
+    def parts(self) -> list[tuple[str, Any]]:
+        """The training state besides the weights, under its checkpoint keys."""
+        return [("optimizer", self.model), ("discriminator", self.disc), ("disc_optimizer", self.disc_optimizer),
+                ("scaler", self.scaler), ("codebook_ema", self.codebook_ema)]
 
 
 def make_optimizers(model: VQGAN, args: VQGANTrainConfig, device: torch.device, dtype: torch.dtype) -> Optimizers:
@@ -561,10 +510,9 @@ def train_step(model: VQGAN, x: torch.Tensor, args: VQGANTrainConfig, step: int,
         opt.disc.requires_grad_(False)  # the generator's step must not train the discriminator
         with autocast(device, dtype):
             gan_loss = -opt.disc(out.x_rec).float().mean()
-        last_layer = model.decoder.conv_out.weight
-        gan_weight = args.disc_weight * (
-            adaptive_gan_weight(out.rec_loss, gan_loss, last_layer) if args.disc_adaptive else 1.0
-        )
+        gan_weight = args.disc_weight
+        if args.disc_adaptive:
+            gan_weight = gan_weight * adaptive_gan_weight(out.rec_loss, gan_loss, model.decoder.conv_out.weight)
         loss = loss + gan_weight * gan_loss
     opt.model.zero_grad(set_to_none=True)
     opt.scaler.scale(loss).backward()
@@ -652,7 +600,9 @@ def train(args: VQGANTrainConfig, command: str = "") -> dict:
           f"{str(dtype)[6:]}; {len(val_images)} held-out images", file=sys.stderr)
 
     def checkpoint() -> None:
-        save(out_dir, training_checkpoint(model, optimizers, step, usage_counts, metrics, args, command))
+        ckpt = training_checkpoint(model, optimizers, step, usage_counts, metrics, args, command)
+        save_checkpoint_atomic(ckpt, ckpt_path)
+        save_checkpoint_atomic({key: ckpt[key] for key in EXPORT_KEYS}, out_dir / EXPORT_FILE)
 
     window_start, started = step, time.perf_counter()
     try:
