@@ -356,7 +356,8 @@ def half_of_train_rows(data_dir: str | os.PathLike, odd: bool) -> np.ndarray:
         raise UserError(f"{path} is missing: run prepare.py again for {data_dir}")
     ids = path.read_text(encoding="utf-8").splitlines()
     original = {img_id: i for i, img_id in enumerate(ids) if not img_id.endswith(FLIP_SUFFIX)}
-    return np.array([i for i, img_id in enumerate(ids) if original[img_id.removesuffix(FLIP_SUFFIX)] % 2 == odd])
+    return np.array([i for i, img_id in enumerate(ids) if original[img_id.removesuffix(FLIP_SUFFIX)] % 2 == odd],
+                    dtype=np.int64)
 
 
 def check_ids(data_dir: str | os.PathLike, split: str, data: tuple[np.ndarray, np.ndarray], codebook_size: int,
