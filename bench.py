@@ -40,9 +40,12 @@ import torch
 
 import generate
 import train
+from data import read_text_tsv
 from model import GPT, GPTConfig, Sampler, attention_bias, row_keys
+from text import build_char_vocab, write_vocab
 from utils import autocast, configure, memory_gib, pick_device, pick_dtype
 from vqgan import VQGAN, VQGANConfig, infer_config, load_vqgan, save_checkpoint_atomic
+from vqgan.train import VQGANTrainConfig, make_optimizers, train_step
 
 ROOT = Path(__file__).resolve().parent
 TAMING_FIXTURES = ROOT.parent / "shared" / "fixtures" / "taming"
@@ -147,8 +150,6 @@ def bench_vqgan(args: argparse.Namespace) -> None:
 
 def bench_vqgan_train(args: argparse.Namespace) -> None:
     """Training images/s of vqgan/train.py's own step on random images, with or without the discriminator."""
-    from vqgan.train import VQGANTrainConfig, make_optimizers, train_step
-
     device = pick_device(args.device)
     torch.manual_seed(0)
     model = load_vqgan(args.ckpt).requires_grad_(True) if args.ckpt else VQGAN(full_size_vqgan_config())
@@ -265,7 +266,7 @@ def write_muge_tsvs(data_dir: str, rows: int, source_size: int) -> int:
         buffer = io.BytesIO()
         coarse.resize((source_size, source_size), Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=90)
         pictures.append(base64.b64encode(buffer.getvalue()).decode())
-    captions = [c for _, c in read_captions(MUGE_CAPTIONS)]
+    captions = [c for _, c in benchmark_captions(MUGE_CAPTIONS)]
     os.makedirs(data_dir, exist_ok=True)
     with open(f"{data_dir}/T2I_train.img.tsv", "w") as images, open(f"{data_dir}/T2I_train.text.tsv", "w") as texts:
         for i in range(rows):
@@ -298,11 +299,9 @@ def bench_prepare(args: argparse.Namespace) -> None:
 # --- generation ---------------------------------------------------------------------------------------------
 
 
-def read_captions(path: Path, limit: int = 0) -> list[tuple[str, str]]:
+def benchmark_captions(path: Path, limit: int = 0) -> list[tuple[str, str]]:
     """(img_id, caption) rows of a captions TSV, or where it is missing 5,000 made-up titles of 28 characters
     drawn from characters real titles use (the lengths matter for speed, not the words)."""
-    from data import read_text_tsv
-
     if path.is_file():
         rows = [(row.img_id, row.caption) for row in read_text_tsv(path) if row.error is None]
     else:
@@ -315,8 +314,6 @@ def read_captions(path: Path, limit: int = 0) -> list[tuple[str, str]]:
 def write_checkpoint(folder: str, recipe: str | None, vqgan_path: str, captions: list[str], image_size: int,
                      text_len: int) -> str:
     """A train.py-style checkpoint with random weights, its char vocab and meta, for generate.py to load."""
-    from text import build_char_vocab, write_vocab
-
     vq = load_vqgan(vqgan_path)
     grid = image_size // vq.downsample_factor
     vocab = build_char_vocab(captions)
@@ -338,7 +335,7 @@ def bench_generate(args: argparse.Namespace) -> None:
     """generate.py's own run over real MUGE captions with a random-weight GPT of a recipe's shape: seconds to
     a complete T2I_test.tsv and the time in each stage, per batch size."""
     device = pick_device(args.device)
-    rows = read_captions(Path(args.captions or MUGE_CAPTIONS), args.limit)
+    rows = benchmark_captions(Path(args.captions or MUGE_CAPTIONS), args.limit)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = write_checkpoint(tmp, args.config, vqgan_checkpoint(args.vqgan, tmp), [c for _, c in rows],
                                 args.image_size, args.text_len)
