@@ -82,18 +82,13 @@ class Request:
         return self.cfg_scale, self.temperature, self.top_k
 
 
-def _number(value: object, what: str) -> float:
+def _number(value: object, what: str, low: float = -math.inf, high: float = math.inf) -> float:
     try:
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError, OverflowError):
         raise UserError(f"{what} must be a number, not {str(value)[:40]!r}") from None
     if not math.isfinite(number):
         raise UserError(f"{what} must be a finite number, not {number}")
-    return number
-
-
-def _setting(value: object, what: str, low: float, high: float) -> float:
-    number = _number(value, what)
     if not low <= number <= high:
         raise UserError(f"{what} must lie in {low:g}..{high:g}, not {number:g}")
     return number
@@ -114,8 +109,8 @@ def clean_request(title: object, cfg_scale: object = DEFAULT_CFG_SCALE, pictures
         text = text[:MAX_TITLE_CHARS]
     if not has_text(text):
         notices.append("No title: the pictures are drawn unconditionally, products of any kind.")
-    cfg_scale = _setting(cfg_scale, "guidance", 0.0, MAX_CFG_SCALE)
-    temperature = _setting(temperature, "temperature", 0.0, MAX_TEMPERATURE)
+    cfg_scale = _number(cfg_scale, "guidance", 0.0, MAX_CFG_SCALE)
+    temperature = _number(temperature, "temperature", 0.0, MAX_TEMPERATURE)
     top_k = round(_number(top_k, "top-k"))
     if top_k < 0:
         raise UserError(f"top-k must be 0 (off) or more, not {top_k}")

@@ -11,7 +11,7 @@
     python bench.py app --ckpt out/best.pt
 
 Random weights throughout: they cost what trained ones do. Every subcommand prints one `RESULT {json}` line
-besides its table, which `bench.py gpu` collects.
+besides its summary, which `bench.py gpu` collects.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import torch
 import generate
 import train
 from data import read_text_tsv
-from model import GPT, GPTConfig, Sampler, attention_bias, row_keys
+from model import GPT, GPTConfig, Sampler, attention_bias, peak_flops, row_keys
 from text import build_char_vocab, write_vocab
 from utils import autocast, configure, memory_gib, pick_device, pick_dtype
 from vqgan import VQGAN, VQGANConfig, infer_config, load_vqgan, save_checkpoint_atomic
@@ -50,6 +50,7 @@ from vqgan.train import VQGANTrainConfig, make_optimizers, train_step
 ROOT = Path(__file__).resolve().parent
 TAMING_FIXTURES = ROOT.parent / "shared" / "fixtures" / "taming"
 MUGE_CAPTIONS = ROOT.parent / "shared" / "data" / "muge_t2i_captions_5k.tsv"
+VQGAN_CHOICES = "tiny: the taming fixture; f16_1024: full size, random weights; small: a random f4"
 
 
 def describe_machine(device: torch.device) -> str:
@@ -64,17 +65,16 @@ def describe_machine(device: torch.device) -> str:
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
-def report(part: str, device: torch.device, **figures: object) -> None:
-    print(f"RESULT {json.dumps({'part': part, 'machine': describe_machine(device), **figures})}", flush=True)
+def report(part: str, device: torch.device, summary: str, **figures: object) -> None:
+    """The summary for people, then the figures as the `RESULT {json}` line that `bench.py gpu` collects."""
+    machine = describe_machine(device)
+    print(f"machine: {machine}\n{part}: {summary}")
+    print(f"RESULT {json.dumps({'part': part, 'machine': machine, **figures})}", flush=True)
 
 
 def seconds_per_call(fn: Callable[[], object], device: torch.device, warmup: int = 1, repeat: int = 3) -> float:
     """Median wall time of `fn`, waiting for queued GPU work so that it is counted."""
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
     times = []
@@ -87,10 +87,12 @@ def seconds_per_call(fn: Callable[[], object], device: torch.device, warmup: int
     return sorted(times)[len(times) // 2]
 
 
-def recipe_config(recipe: str | None, **data: int) -> GPTConfig:
-    """A recipe's model settings with the data's fields (codebook_size, grid_rows, ..., text_vocab_size)."""
+def recipe_config(recipe: str | None, codebook_size: int, grid: int, text_len: int, text_vocab_size: int
+                  ) -> GPTConfig:
+    """A recipe's model settings (none: the demo's) for data of this shape."""
     (_, config), _ = configure([recipe] if recipe else [], (train.TrainConfig, GPTConfig), "bench.py", "")
-    return dataclasses.replace(config, **data)
+    return dataclasses.replace(config, codebook_size=codebook_size, grid_rows=grid, grid_cols=grid,
+                               text_len=text_len, text_vocab_size=text_vocab_size)
 
 
 def full_size_vqgan_config() -> VQGANConfig:
@@ -103,7 +105,7 @@ def full_size_vqgan_config() -> VQGANConfig:
 
 
 def vqgan_checkpoint(name: str, folder: str) -> str:
-    """tiny: the taming fixture; f16_1024: full size, random weights; small: a random f4 for quick runs."""
+    """The checkpoint of one of VQGAN_CHOICES."""
     if name == "tiny":
         path = TAMING_FIXTURES / "tiny_f16" / "checkpoints" / "last.ckpt"
         if not path.is_file():
@@ -121,35 +123,31 @@ def vqgan_checkpoint(name: str, folder: str) -> str:
 
 
 def bench_vqgan(args: argparse.Namespace) -> None:
-    """Encode (exact fp32) and decode images/s of the full-size f16 architecture; decoding as generate.py does
-    it on a GPU (bfloat16 weights, channels-last) and, where asked, compiled."""
+    """Encoding runs in exact fp32; decoding as generate.py does it on a GPU (bfloat16 weights, channels-last)
+    and, where asked, compiled."""
     device = pick_device(args.device)
     torch.manual_seed(0)
     model = VQGAN(dataclasses.replace(full_size_vqgan_config(), n_embed=args.n_embed)).to(device).eval()
     x = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1
     codes = model.encode(x)
-    figures = {"encode_fp32": args.batch_size / seconds_per_call(lambda: model.encode(x), device, repeat=args.repeat)}
     dtype = pick_dtype(device, args.decode_dtype)
-    decoders = {"decode_fp32": model}
+    calls = {"encode_fp32": lambda: model.encode(x), "decode_fp32": lambda: model.decode(codes)}
     if dtype != torch.float32:
-        decoders[f"decode_{str(dtype)[6:]}"] = copy.deepcopy(model).to(dtype)
-        decoders[f"decode_{str(dtype)[6:]}_channels_last"] = copy.deepcopy(model).to(
-            dtype=dtype, memory_format=torch.channels_last)
-    for name, decoder in decoders.items():
-        seconds = seconds_per_call(lambda d=decoder: d.decode(codes), device, repeat=args.repeat)
-        figures[name] = args.batch_size / seconds
+        for suffix, memory_format in (("", torch.preserve_format), ("_channels_last", torch.channels_last)):
+            decoder = copy.deepcopy(model).to(dtype=dtype, memory_format=memory_format)
+            calls[f"decode_{str(dtype)[6:]}{suffix}"] = lambda d=decoder: d.decode(codes)
+    figures = {name: args.batch_size / seconds_per_call(fn, device, repeat=args.repeat) for name, fn in calls.items()}
     if args.compile:
         decoder = copy.deepcopy(model).to(dtype=dtype, memory_format=torch.channels_last)
         decoder.decoder = torch.compile(decoder.decoder)
         figures["decode_compiled"] = args.batch_size / seconds_per_call(lambda: decoder.decode(codes), device,
                                                                         warmup=2, repeat=args.repeat)
-    print(f"machine: {describe_machine(device)}\nvqgan f16_{args.n_embed}, {args.image_size} px, batch "
-          f"{args.batch_size}: " + ", ".join(f"{k} {v:.1f} images/s" for k, v in figures.items()))
-    report("vqgan", device, batch_size=args.batch_size, images_per_sec=figures, memory_gib=memory_gib(device))
+    report("vqgan", device, f"f16_{args.n_embed}, {args.image_size} px, batch {args.batch_size}: "
+           + ", ".join(f"{k} {v:.1f} images/s" for k, v in figures.items()),
+           batch_size=args.batch_size, images_per_sec=figures, memory_gib=memory_gib(device))
 
 
 def bench_vqgan_train(args: argparse.Namespace) -> None:
-    """Training images/s of vqgan/train.py's own step on random images, with or without the discriminator."""
     device = pick_device(args.device)
     torch.manual_seed(0)
     model = load_vqgan(args.ckpt).requires_grad_(True) if args.ckpt else VQGAN(full_size_vqgan_config())
@@ -158,29 +156,28 @@ def bench_vqgan_train(args: argparse.Namespace) -> None:
     dtype = pick_dtype(device, args.dtype)
     optimizers = make_optimizers(model, settings, device, dtype)
     x = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1
-    step = seconds_per_call(lambda: train_step(model, x, settings, 1000, optimizers, device, dtype), device,
-                            repeat=args.repeat)
-    print(f"machine: {describe_machine(device)}\nvqgan training step, {args.ckpt or 'f16'} {args.image_size} px, batch "
-          f"{args.batch_size}, {str(dtype)[6:]}, {'with' if args.disc else 'without'} the discriminator: "
-          f"{args.batch_size / step:.1f} images/s; peak {memory_gib(device)}")
-    report("vqgan-train", device, batch_size=args.batch_size, disc=args.disc, images_per_sec=args.batch_size / step,
-           memory_gib=memory_gib(device))
+    rate = args.batch_size / seconds_per_call(lambda: train_step(model, x, settings, 1000, optimizers, device, dtype),
+                                              device, repeat=args.repeat)
+    memory = memory_gib(device)
+    report("vqgan-train", device, f"{args.ckpt or 'f16'} {args.image_size} px, batch {args.batch_size}, "
+           f"{str(dtype)[6:]}, {'with' if args.disc else 'without'} the discriminator: {rate:.1f} images/s; peak "
+           f"{memory}", batch_size=args.batch_size, disc=args.disc, images_per_sec=rate, memory_gib=memory)
 
 
 # --- training -----------------------------------------------------------------------------------------------
 
 
-def write_synthetic_data(data_dir: str, rows: int, codebook_size: int, grid: int, text_len: int,
-                         text_vocab_size: int) -> None:
+def write_synthetic_data(data_dir: str, args: argparse.Namespace) -> None:
     """Random codes and captions in prepare.py's layout: the speed of a step does not depend on the values."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", rows), ("val", max(1, rows // 8))):
-        rng.integers(0, codebook_size, (n, grid * grid), dtype=np.uint16).tofile(f"{data_dir}/{split}.img.bin")
-        text = rng.integers(1, text_vocab_size, (n, text_len), dtype=np.uint16)
+    rng, grid, text_len = np.random.default_rng(0), args.grid, args.text_len
+    os.makedirs(data_dir)
+    for split, n in (("train", args.rows), ("val", max(1, args.rows // 8))):
+        rng.integers(0, args.codebook_size, (n, grid * grid), dtype=np.uint16).tofile(f"{data_dir}/{split}.img.bin")
+        text = rng.integers(1, args.text_vocab_size, (n, text_len), dtype=np.uint16)
         text[:, text_len // 2 :] = 0  # captions are right-padded
         text.tofile(f"{data_dir}/{split}.txt.bin")
-    meta = {"image_size": grid * 16, "code_grid": [grid, grid], "codebook_size": codebook_size, "text_len": text_len,
-            "tokenizer": "vocab.txt", "text_vocab_size": text_vocab_size, "pad_id": 0}
+    meta = {"image_size": grid * 16, "code_grid": [grid, grid], "codebook_size": args.codebook_size,
+            "text_len": text_len, "tokenizer": "vocab.txt", "text_vocab_size": args.text_vocab_size, "pad_id": 0}
     Path(data_dir, "meta.json").write_text(json.dumps(meta))
 
 
@@ -215,15 +212,13 @@ def estimate_gpu_memory(config: GPTConfig, batch_sizes: list[int]) -> dict[int, 
     # fp32 weights, gradients and AdamW's two moments; a frozen parameter keeps only its weights
     states = sum((16 if p.requires_grad else 4) * p.numel() for p in model.parameters())
     # the caching allocator's usual 25% over the peak, and 0.5 GiB of CUDA context and cuBLAS workspaces
-    return {b: (1.25 * (states + fixed + b * per_image) + 0.5 * 2**30) / 2**30 for b in batch_sizes}
+    return {b: round((1.25 * (states + fixed + b * per_image) + 0.5 * 2**30) / 2**30, 2) for b in batch_sizes}
 
 
 def bench_train(args: argparse.Namespace, flags: list[str]) -> None:
-    """tokens/s, MFU and memory of train.py's own loop on synthetic data shaped like MUGE's."""
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = os.path.join(tmp, "data")
-        os.makedirs(data_dir)
-        write_synthetic_data(data_dir, args.rows, args.codebook_size, args.grid, args.text_len, args.text_vocab_size)
+        write_synthetic_data(data_dir, args)
         argv = [*([args.config] if args.config else []), *flags, f"--data_dir={data_dir}",
                 f"--out_dir={tmp}/out", f"--max_iters={args.steps}", f"--eval_interval={args.steps + 1}",
                 "--eval_iters=1", "--log_interval=1", "--warmup_iters=0"]
@@ -234,22 +229,18 @@ def bench_train(args: argparse.Namespace, flags: list[str]) -> None:
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_memory_gib * 2**30 / total), device)
         summary = train.main(argv)
-    rate, peak = summary["tokens_per_sec"], tc.peak_flops or train.peak_flops(device)
-    config = recipe_config(args.config, codebook_size=args.codebook_size, grid_rows=args.grid, grid_cols=args.grid,
-                           text_len=args.text_len, text_vocab_size=args.text_vocab_size)
+    rate, peak = summary["tokens_per_sec"], tc.peak_flops or peak_flops(device)
+    config = recipe_config(args.config, args.codebook_size, args.grid, args.text_len, args.text_vocab_size)
     with torch.device("meta"):  # only its FLOP count is wanted
         model_flops = GPT(config).flops_per_sample()
     figures = {"params_m": summary["params"] / 1e6, "tokens_per_iter": summary["tokens_per_iter"],
                "tokens_per_sec": rate, "memory_gib": summary["memory_gib"], "batch_size": tc.batch_size,
                "epoch_minutes": 90_000 * args.grid**2 / rate / 60 if rate else None,
                "mfu": model_flops * rate / args.grid**2 / peak if rate and peak else None}
-    print(f"machine: {describe_machine(device)}\ntrain {' '.join([args.config or '(demo)', *flags])}: "
-          + ", ".join(f"{k} {v}" for k, v in figures.items()))
-    if args.estimate_memory:
+    if args.estimate_memory:  # GiB, bf16
         figures["estimated_card_gib"] = estimate_gpu_memory(config, [1, 8, 16, 32])
-        print("estimated card memory (GiB, bf16): " + ", ".join(
-            f"batch {b}: {gib:.1f}" for b, gib in figures["estimated_card_gib"].items()))
-    report("train", device, config=args.config, **figures)
+    report("train", device, f"{' '.join([args.config or '(demo)', *flags])}: "
+           + ", ".join(f"{k} {v}" for k, v in figures.items()), config=args.config, **figures)
 
 
 # --- prepare ------------------------------------------------------------------------------------------------
@@ -276,8 +267,7 @@ def write_muge_tsvs(data_dir: str, rows: int, source_size: int) -> int:
 
 
 def bench_prepare(args: argparse.Namespace) -> None:
-    """prepare.py end to end on generated MUGE-format TSVs: rows/s and peak memory, each size in a fresh process
-    so that its peak is its own."""
+    """Each size runs in a fresh process, so that its peak memory is its own."""
     device = pick_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = vqgan_checkpoint(args.vqgan, tmp)
@@ -290,9 +280,9 @@ def bench_prepare(args: argparse.Namespace) -> None:
                 flags += ["--num_workers", str(args.num_workers)]
             subprocess.run([sys.executable, str(ROOT / "prepare.py"), *flags], check=True, stderr=subprocess.DEVNULL)
             meta = json.loads(Path(out_dir, "meta.json").read_text())
-            print(f"prepare --vqgan {args.vqgan}: {rows} rows ({tsv_bytes / 2**20:.0f} MiB), {meta['seconds']} s, "
-                  f"{rows / meta['seconds']:.1f} rows/s; peak memory {meta['peak_memory_gib']} GiB")
-            report("prepare", device, rows=rows, seconds=meta["seconds"], peak_memory_gib=meta["peak_memory_gib"])
+            report("prepare", device, f"--vqgan {args.vqgan}: {rows} rows ({tsv_bytes / 2**20:.0f} MiB), "
+                   f"{meta['seconds']} s, {rows / meta['seconds']:.1f} rows/s; peak memory {meta['peak_memory_gib']} "
+                   "GiB", rows=rows, seconds=meta["seconds"], peak_memory_gib=meta["peak_memory_gib"])
             shutil.rmtree(data_dir)
 
 
@@ -318,8 +308,7 @@ def write_checkpoint(folder: str, recipe: str | None, vqgan_path: str, captions:
     grid = image_size // vq.downsample_factor
     vocab = build_char_vocab(captions)
     write_vocab(vocab, os.path.join(folder, "vocab.txt"))
-    config = recipe_config(recipe, codebook_size=vq.codebook_size, grid_rows=grid, grid_cols=grid, text_len=text_len,
-                           text_vocab_size=len(vocab))
+    config = recipe_config(recipe, vq.codebook_size, grid, text_len, len(vocab))
     torch.manual_seed(0)
     model = GPT(config)
     meta = {"image_size": image_size, "code_grid": [grid, grid], "codebook_size": vq.codebook_size,
@@ -332,8 +321,7 @@ def write_checkpoint(folder: str, recipe: str | None, vqgan_path: str, captions:
 
 
 def bench_generate(args: argparse.Namespace) -> None:
-    """generate.py's own run over real MUGE captions with a random-weight GPT of a recipe's shape: seconds to
-    a complete T2I_test.tsv and the time in each stage, per batch size."""
+    """generate.py's own run, per batch size, with a random-weight GPT of a recipe's shape."""
     device = pick_device(args.device)
     rows = benchmark_captions(Path(args.captions or MUGE_CAPTIONS), args.limit)
     with tempfile.TemporaryDirectory() as tmp:
@@ -350,23 +338,19 @@ def bench_generate(args: argparse.Namespace) -> None:
             started = time.perf_counter()
             with open(os.path.join(tmp, "T2I_test.tsv"), "wb") as out:
                 s = generate.run(generate.build_parser().parse_args(flags), out)
-            total = time.perf_counter() - started
-            print(f"generate {args.config or '(demo)'} --vqgan {args.vqgan}: {len(rows)} captions, batch "
-                  f"{batch_size}, cfg {args.cfg_scale}: {total:.1f} s end to end (start-up {s['load_seconds']:.1f} s; "
-                  f"sampling {s['sampling_seconds']:.1f} s, decoding {s['decoding_seconds']:.1f} s, PNG "
-                  f"{s['encoding_seconds']:.1f} s over {s['encode_workers']} processes); peak {memory_gib(device)}")
-            report("generate", device, config=args.config, captions=len(rows), batch_size=batch_size,
-                   cfg_scale=args.cfg_scale, total_seconds=total, **{k: v for k, v in s.items() if k != "warnings"},
-                   memory_gib=memory_gib(device))
+            total, memory = time.perf_counter() - started, memory_gib(device)
+            report("generate", device, f"{args.config or '(demo)'} --vqgan {args.vqgan}: {len(rows)} captions, batch "
+                   f"{batch_size}, cfg {args.cfg_scale}: {total:.1f} s end to end (start-up {s['load_seconds']:.1f} s; "
+                   f"sampling {s['sampling_seconds']:.1f} s, decoding {s['decoding_seconds']:.1f} s, PNG "
+                   f"{s['encoding_seconds']:.1f} s over {s['encode_workers']} processes); peak {memory}",
+                   config=args.config, captions=len(rows), batch_size=batch_size, cfg_scale=args.cfg_scale,
+                   total_seconds=total, **{k: v for k, v in s.items() if k != "warnings"}, memory_gib=memory)
 
 
 def bench_steps(args: argparse.Namespace) -> None:
-    """Seconds per decode step of the sampler at several batch sizes, eager and compiled; with --no_cache also
-    the step without a cache (the whole prefix through the blocks), interpolated over the grid, as a ratio."""
     device = pick_device(args.device)
     dtype = pick_dtype(device, args.dtype)
-    config = recipe_config(args.config, codebook_size=args.codebook_size, grid_rows=args.grid, grid_cols=args.grid,
-                           text_len=args.text_len, text_vocab_size=5000)
+    config = recipe_config(args.config, args.codebook_size, args.grid, args.text_len, 5000)
     torch.manual_seed(0)
     model = GPT(config).to(device, dtype).eval()
     figures: dict[str, dict[int, float]] = {"eager_ms": {}, "compiled_ms": {}, "no_cache_ratio": {}}
@@ -387,11 +371,10 @@ def bench_steps(args: argparse.Namespace) -> None:
             figures[f"{mode}_ms"][batch] = 1000 * seconds_per_call(steps, device, warmup=3, repeat=args.repeat) / 16
         if args.no_cache:
             figures["no_cache_ratio"][batch] = no_cache_ratio(model, text, figures["eager_ms"][batch] / 1000, device)
-    print(f"machine: {describe_machine(device)}\nsteps {args.config or '(demo)'}: {model.num_params() / 1e6:.0f}M "
-          f"parameters, cfg {args.cfg_scale}, {str(dtype)[6:]}: " + "; ".join(
-              f"{name} " + ", ".join(f"batch {b}: {v:.2f}" for b, v in values.items())
-              for name, values in figures.items() if values))
-    report("steps", device, config=args.config, cfg_scale=args.cfg_scale, **figures)
+    report("steps", device, f"{args.config or '(demo)'}: {model.num_params() / 1e6:.0f}M parameters, cfg "
+           f"{args.cfg_scale}, {str(dtype)[6:]}: " + "; ".join(
+               f"{name} " + ", ".join(f"batch {b}: {v:.2f}" for b, v in values.items())
+               for name, values in figures.items() if values), config=args.config, cfg_scale=args.cfg_scale, **figures)
 
 
 @torch.no_grad()
@@ -424,14 +407,14 @@ APP_TITLES = ("红色条纹T恤 2021夏季新款", "蓝色纯色连衣裙 韩版
 
 
 def bench_app(args: argparse.Namespace) -> None:
-    """app.py under load over HTTP, as scripts and browsers reach it: 8 requests in a row, then 8 and 32 at once;
-    every request must come back with its pictures. The batcher's draws are counted in app.py's log."""
+    """Over HTTP, as scripts and browsers reach it; every request must come back with its pictures. The batcher's
+    draws are counted in app.py's log."""
     device = pick_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        url, log_path = f"http://127.0.0.1:{port}", os.path.join(tmp, "app.log")
+        url, log_path = f"http://127.0.0.1:{port}", Path(tmp, "app.log")
         command = [sys.executable, str(ROOT / "app.py"), "--ckpt", os.path.abspath(args.ckpt), "--device",
                    str(device), "--port", str(port), "--max_batch", str(args.max_batch)]
         with open(log_path, "w") as log:
@@ -445,12 +428,12 @@ def bench_app(args: argparse.Namespace) -> None:
                     break
                 except OSError:
                     if server.poll() is not None or time.perf_counter() - started > 300:
-                        raise SystemExit(f"app.py did not start:\n{Path(log_path).read_text()[-2000:]}") from None
+                        raise SystemExit(f"app.py did not start:\n{log_path.read_text()[-2000:]}") from None
                     time.sleep(0.5)
             start_seconds = time.perf_counter() - started
 
             def draws() -> int:
-                return Path(log_path).read_text().count("app: drew ")
+                return log_path.read_text().count("app: drew ")
 
             def one(i: int) -> int:
                 """Pictures in the answer to request i; 0 for an error or a refusal."""
@@ -473,27 +456,22 @@ def bench_app(args: argparse.Namespace) -> None:
             for name, n, together in (("sequential_8", 8, False), ("concurrent_8", 8, True),
                                       ("concurrent_32", 32, True)):
                 before, started = draws(), time.perf_counter()
-                if together:
-                    with ThreadPoolExecutor(n) as pool:
-                        answers = list(pool.map(one, range(n)))
-                else:
-                    answers = [one(i) for i in range(n)]
+                with ThreadPoolExecutor(n if together else 1) as pool:
+                    answers = list(pool.map(one, range(n)))
                 runs[name] = {"requests": n, "seconds": round(time.perf_counter() - started, 2),
                               "answered": sum(got == args.pictures for got in answers), "draws": draws() - before}
         finally:
             server.terminate()
             server.wait(timeout=60)
-    sequential = runs["sequential_8"]["seconds"]
-    ratios = {f"{name}_vs_sequential_8": round(runs[name]["seconds"] / sequential, 3)
+    ratios = {f"{name}_vs_sequential_8": round(runs[name]["seconds"] / runs["sequential_8"]["seconds"], 3)
               for name in ("concurrent_8", "concurrent_32")}
-    print(f"app {args.ckpt}: {args.pictures} pictures per request, --max_batch {args.max_batch}, started in "
-          f"{start_seconds:.0f} s; " + "; ".join(
-              f"{name.replace('_', ' ')}: {run['seconds']:.1f} s, {run['answered']}/{run['requests']} answered, "
-              f"{run['draws']} draws" for name, run in runs.items()) +
-          f"; 8 at once take {ratios['concurrent_8_vs_sequential_8']:.2f}x and 32 at once "
-          f"{ratios['concurrent_32_vs_sequential_8']:.2f}x the time of 8 in a row")
-    report("app", device, ckpt=args.ckpt, pictures=args.pictures, max_batch=args.max_batch,
-           start_seconds=round(start_seconds, 1), **runs, **ratios)
+    report("app", device, f"{args.ckpt}: {args.pictures} pictures per request, --max_batch {args.max_batch}, started "
+           f"in {start_seconds:.0f} s; " + "; ".join(
+               f"{name.replace('_', ' ')}: {run['seconds']:.1f} s, {run['answered']}/{run['requests']} answered, "
+               f"{run['draws']} draws" for name, run in runs.items())
+           + f"; 8 at once take {ratios['concurrent_8_vs_sequential_8']:.2f}x and 32 at once "
+           f"{ratios['concurrent_32_vs_sequential_8']:.2f}x the time of 8 in a row", ckpt=args.ckpt,
+           pictures=args.pictures, max_batch=args.max_batch, start_seconds=round(start_seconds, 1), **runs, **ratios)
     lost = sum(run["requests"] - run["answered"] for run in runs.values())
     if lost:
         raise SystemExit(f"app: {lost} requests came back without their {args.pictures} pictures")
@@ -577,39 +555,52 @@ def demo_training(budget: float) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parts = parser.add_subparsers(dest="part", required=True)
+    subparsers = parser.add_subparsers(dest="part", required=True)
+    parts: dict[str, argparse.ArgumentParser] = {}
+    for name, run, help_text in (
+            ("gpu", bench_gpu, "every GPU figure in one call (needs CUDA)"),
+            ("app", bench_app, "app.py under load: 8 requests in a row, then 8 and 32 at once over HTTP"),
+            ("vqgan", bench_vqgan, "VQGAN encode/decode images/s at full size"),
+            ("vqgan-train", bench_vqgan_train, "VQGAN training images/s (vqgan/train.py's step)"),
+            ("train", bench_train, "train.py tokens/s, MFU and memory on synthetic MUGE-shaped data; other flags go "
+             "to train.py"),
+            ("prepare", bench_prepare, "prepare.py rows/s and peak memory on generated MUGE-format TSVs"),
+            ("generate", bench_generate, "generate.py end to end on MUGE captions (random weights): seconds and the "
+             "split"),
+            ("steps", bench_steps, "seconds per decode step, eager and compiled, and the cache's gain")):
+        parts[name] = subparsers.add_parser(name, help=help_text, description=help_text)
+        parts[name].set_defaults(run=run)
+        if name != "train":  # train.py takes its own --device
+            parts[name].add_argument("--device", default=None, help="cuda, cpu, ... (default: the best there is)")
+    for name in ("vqgan", "vqgan-train", "steps"):
+        parts[name].add_argument("--repeat", type=int, default=3, help="timed calls; the median is reported")
+    for name in ("prepare", "generate"):
+        parts[name].add_argument("--vqgan", choices=["tiny", "f16_1024", "small"], default="tiny", help=VQGAN_CHOICES)
 
-    def add(name: str, run: Callable, help_text: str) -> argparse.ArgumentParser:
-        p = parts.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(run=run)
-        return p
-
-    p = add("gpu", bench_gpu, "every GPU figure in one call (needs CUDA)")
+    p = parts["gpu"]
     p.add_argument("--budget", type=float, default=480, help="seconds for all parts together (default: 480)")
     p.add_argument("--out", default="bench_gpu.json", help="where the results go (default: bench_gpu.json)")
 
-    p = add("app", bench_app, "app.py under load: 8 requests in a row, then 8 and 32 at once over HTTP")
+    p = parts["app"]
     p.add_argument("--ckpt", default="out/best.pt", help="train.py checkpoint (default: out/best.pt, make demo's)")
     p.add_argument("--max_batch", type=int, default=16, help="app.py --max_batch (default: 16)")
     p.add_argument("--pictures", type=int, default=4, help="pictures per request (default: 4)")
 
-    p = add("vqgan", bench_vqgan, "VQGAN encode/decode images/s at full size")
-    p.add_argument("--batch_size", type=int, default=8, help="images per call")
-    p.add_argument("--image_size", type=int, default=256, help="square image side in pixels")
+    for name, per in (("vqgan", "call"), ("vqgan-train", "step")):
+        parts[name].add_argument("--batch_size", type=int, default=8, help=f"images per {per}")
+        parts[name].add_argument("--image_size", type=int, default=256, help="square image side in pixels")
+    p = parts["vqgan"]
     p.add_argument("--n_embed", type=int, default=1024, help="codebook size (1024 or 16384 for the taming models)")
     p.add_argument("--decode_dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU)")
     p.add_argument("--compile", action="store_true", help="also time a compiled decoder")
 
-    p = add("vqgan-train", bench_vqgan_train, "VQGAN training images/s (vqgan/train.py's step)")
+    p = parts["vqgan-train"]
     p.add_argument("--ckpt", default=None, help="the architecture and weights of this VQGAN, e.g. "
                    "assets/vqgan_demo.pt (default: the full-size f16 architecture, random weights)")
-    p.add_argument("--image_size", type=int, default=256, help="square image side in pixels")
-    p.add_argument("--batch_size", type=int, default=8, help="images per step")
     p.add_argument("--disc", action="store_true", help="include the patch discriminator and its adaptive weight")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
 
-    p = add("train", bench_train, "train.py tokens/s, MFU and memory on synthetic MUGE-shaped data; other flags go "
-            "to train.py")
+    p = parts["train"]
     p.add_argument("config", nargs="?", help="a train.py recipe, e.g. config/tiny_cpu.py (none: the demo defaults)")
     p.add_argument("--steps", type=int, default=20, help="optimizer steps; the first interval is left out")
     p.add_argument("--rows", type=int, default=512, help="synthetic training rows")
@@ -622,30 +613,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimate_memory", action="store_true", help="also predict what a GPU needs at batch 1, 8, 16, "
                    "32 from CPU measurements")
 
-    p = add("prepare", bench_prepare, "prepare.py rows/s and peak memory on generated MUGE-format TSVs")
-    p.add_argument("--vqgan", choices=["tiny", "f16_1024", "small"], default="tiny",
-                   help="tiny: the taming fixture; f16_1024: full size, random weights; small: a random f4")
+    p = parts["prepare"]
     p.add_argument("--rows", default="256", help="image rows; several comma-separated sizes run one after another")
     p.add_argument("--image_size", type=int, default=256, help="prepare.py --image_size")
     p.add_argument("--source_size", type=int, default=256, help="side of the generated JPEGs")
     p.add_argument("--batch_size", type=int, default=32, help="prepare.py --batch_size")
     p.add_argument("--num_workers", type=int, default=None, help="prepare.py --num_workers (default: its own)")
-
-    add_sampling_parts(add)
-
-    for name, p in parts.choices.items():
-        if "--device" not in p._option_string_actions and name != "train":  # train.py takes its own --device
-            p.add_argument("--device", default=None, help="cuda, cpu, ... (default: the best there is)")
-        if name in ("vqgan", "vqgan-train"):
-            p.add_argument("--repeat", type=int, default=3, help="timed calls; the median is reported")
+    add_sampling_flags(parts["generate"], parts["steps"])
     return parser
 
 
-def add_sampling_parts(add: Callable[[str, Callable, str], argparse.ArgumentParser]) -> None:
-    """The generate and steps subcommands, which share the GPT's shape and the sampling flags."""
-    generate_part = add("generate", bench_generate, "generate.py end to end on MUGE captions (random weights): "
-                        "seconds and the split")
-    steps_part = add("steps", bench_steps, "seconds per decode step, eager and compiled, and the cache's gain")
+def add_sampling_flags(generate_part: argparse.ArgumentParser, steps_part: argparse.ArgumentParser) -> None:
+    """The generate and steps subcommands share the GPT's shape and the sampling flags."""
     for p, batch_sizes in ((generate_part, "32"), (steps_part, "1,64,256")):
         p.add_argument("config", nargs="?", help="a train.py recipe for the GPT's shape, e.g. config/muge_16gb.py")
         p.add_argument("--batch_size", default=batch_sizes, help="comma-separated batch sizes, each timed in turn")
@@ -655,11 +634,8 @@ def add_sampling_parts(add: Callable[[str, Callable, str], argparse.ArgumentPars
     p = generate_part
     p.add_argument("--captions", default=None, help=f"img_id<TAB>caption TSV (default: {MUGE_CAPTIONS})")
     p.add_argument("--limit", type=int, default=64, help="captions to draw, the first ones (0: all)")
-    p.add_argument("--vqgan", choices=["tiny", "f16_1024", "small"], default="tiny",
-                   help="tiny: the taming fixture; f16_1024: full size, random weights; small: a random f4 "
-                   "(use --image_size 32)")
     p.add_argument("--image_size", type=int, default=256, help="decoded side; the code grid is this / the "
-                   "VQGAN's factor")
+                   "VQGAN's factor (32 for --vqgan small)")
     p.add_argument("--compile", choices=["true", "false"], default=None, help="generate.py --compile")
 
     p = steps_part
@@ -668,7 +644,6 @@ def add_sampling_parts(add: Callable[[str, Callable, str], argparse.ArgumentPars
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--compile", action="store_true", help="also time the compiled step")
     p.add_argument("--no_cache", action="store_true", help="also time the uncached step and give the ratio")
-    p.add_argument("--repeat", type=int, default=3, help="timed calls per figure; the median is reported")
 
 
 def main() -> None:

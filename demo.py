@@ -32,30 +32,20 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 
 CATEGORIES = ("T恤", "连衣裙", "裤子", "手提包", "帽子", "运动鞋", "口红", "香水")
-# Titles write a colour as "<name>色"; the RGB values are far apart so that pixels can be told apart.
-COLOURS = {
-    "红": (215, 35, 40),
-    "蓝": (35, 85, 200),
-    "绿": (40, 150, 70),
-    "黑": (30, 30, 30),
-    "白": (244, 244, 244),
-    "黄": (245, 200, 30),
-    "粉": (245, 145, 185),
-    "紫": (125, 60, 175),
+# Titles write a colour as "<name>色". Each has a body shade and a deeper trim shade for outlines and details,
+# still nearest its own colour: the RGB values are far apart so that pixels can be told apart. A white product
+# would vanish on white, so its trim and pattern are grey, and grey pixels count as white.
+COLOURS = {  # name: (body, trim)
+    "红": ((215, 35, 40), (160, 20, 25)),
+    "蓝": ((35, 85, 200), (20, 55, 150)),
+    "绿": ((40, 150, 70), (25, 105, 45)),
+    "黑": ((30, 30, 30), (70, 70, 70)),
+    "白": ((244, 244, 244), (165, 165, 165)),
+    "黄": ((245, 200, 30), (200, 150, 10)),
+    "粉": ((245, 145, 185), (225, 95, 150)),
+    "紫": ((125, 60, 175), (90, 35, 130)),
 }
 PATTERNS = ("纯色", "条纹", "格子", "波点")
-# Outlines and details: a deeper shade that is still nearest its own colour. A white product would vanish on
-# white, so its trim and pattern are grey, and grey pixels count as white.
-TRIM = {
-    "红": (160, 20, 25),
-    "蓝": (20, 55, 150),
-    "绿": (25, 105, 45),
-    "黑": (70, 70, 70),
-    "白": (165, 165, 165),
-    "黄": (200, 150, 10),
-    "粉": (225, 95, 150),
-    "紫": (90, 35, 130),
-}
 BACKGROUND = (255, 255, 255)
 SUPERSAMPLE = 4  # drawn at 4x and reduced, for smooth edges
 
@@ -193,8 +183,7 @@ def render(product: Product, image_size: int = 64, rng: random.Random | None = N
     draw_mask = ImageDraw.Draw(mask)
     for polygon in shape["body"]:
         draw_mask.polygon(place(polygon), fill=255)
-    base = COLOURS[product.colour]
-    trim = TRIM[product.colour]
+    base, trim = COLOURS[product.colour]
     second = trim if product.colour == "白" else BACKGROUND
     canvas = Image.new("RGB", (s, s), BACKGROUND)
     canvas.paste(_pattern(product.pattern, s, unit, base, second, rng), mask=mask)
@@ -259,7 +248,7 @@ def foreground_colour(image: Image.Image | np.ndarray) -> str:
     # The half of the foreground farthest from white: solid colour rather than its blends with white.
     core = pixels[foreground & (distance >= np.median(distance[foreground]))]
     median = np.median(core, axis=0)
-    references = list(COLOURS.items()) + list(TRIM.items())
+    references = [(name, shades[i]) for i in (0, 1) for name, shades in COLOURS.items()]  # bodies, then trims
     return min(references, key=lambda ref: float(np.sum((median - np.array(ref[1])) ** 2)))[0]
 
 
@@ -297,7 +286,7 @@ def png_base64(image: Image.Image) -> str:
 
 
 def write_dataset(out_dir: str | Path, n_train: int = 4096, n_val: int = 256, n_test: int = 64,
-                  image_size: int = 64, seed: int = 0) -> dict[str, Path]:
+                  image_size: int = 64, seed: int = 0) -> list[Path]:
     """Write T2I_{train,val}.{img,text}.tsv and T2I_test.text.tsv under `out_dir`; returns their paths.
 
     They are written into a folder beside it that replaces it once complete, so an interrupted run never
@@ -307,19 +296,16 @@ def write_dataset(out_dir: str | Path, n_train: int = 4096, n_val: int = 256, n_
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    names: dict[str, str] = {}
     for split, n in zip(SPLITS, (n_train, n_val, n_test), strict=True):
         rows = make_split(split, n, image_size, seed)
-        names[f"{split}.text"] = f"T2I_{split}.text.tsv"
-        (partial / names[f"{split}.text"]).write_text("".join(f"{i}\t{caption}\n" for i, caption, _, _ in rows),
-                                                      encoding="utf-8")
+        (partial / f"T2I_{split}.text.tsv").write_text("".join(f"{i}\t{caption}\n" for i, caption, _, _ in rows),
+                                                     encoding="utf-8")
         if split != "test":  # the test split has titles only, as in MUGE
-            names[f"{split}.img"] = f"T2I_{split}.img.tsv"
-            (partial / names[f"{split}.img"]).write_text("".join(f"{i}\t{png_base64(image)}\n"
-                                                                 for i, _, image, _ in rows), encoding="ascii")
+            (partial / f"T2I_{split}.img.tsv").write_text("".join(f"{i}\t{png_base64(image)}\n"
+                                                                  for i, _, image, _ in rows), encoding="ascii")
     shutil.rmtree(out_dir, ignore_errors=True)
     partial.rename(out_dir)
-    return {key: out_dir / name for key, name in names.items()}
+    return sorted(out_dir.glob("T2I_*.tsv"))
 
 
 # --- scoring pictures against their titles -----------------------------------------------------------------
@@ -465,7 +451,7 @@ def main() -> None:
     if args.image_size < 16:
         parser.error("--image_size must be at least 16")
     paths = write_dataset(args.out_dir, args.n_train, args.n_val, args.n_test, args.image_size, args.seed)
-    for path in paths.values():
+    for path in paths:
         print(path, file=sys.stderr)
 
 

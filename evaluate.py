@@ -30,7 +30,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,19 +129,6 @@ def features_of_batch(extractor: Extractor, pictures: np.ndarray, device: torch.
     """uint8 pictures [B, H, W, 3] -> (features [B, D], logits [B, C]) as float64 numpy arrays."""
     features, logits = extractor(images_to_tensor(pictures).to(device))
     return features.double().cpu().numpy(), logits.double().cpu().numpy()
-
-
-def extract_features(pictures: Iterable[np.ndarray], extractor: Extractor, device: torch.device, batch_size: int
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Features and logits of every picture, in order, `batch_size` pictures per call of the extractor."""
-    features, logits = [], []
-    for chunk in batched(iter(pictures), batch_size):
-        batch_features, batch_logits = features_of_batch(extractor, np.stack(chunk), device)
-        features.append(batch_features)
-        logits.append(batch_logits)
-    if not features:
-        return np.zeros((0, 0)), np.zeros((0, 0))
-    return np.concatenate(features), np.concatenate(logits)
 
 
 class InceptionExtractor(nn.Module):
@@ -373,7 +360,7 @@ def score_real(tools: Tools, report: Report) -> tuple[Tally, dict[str, Any]]:
     """The real pictures (the FID reference, the R-precision ceiling) and the VQGAN's round trip of them."""
     real, split, psnrs, recon_features = Tally(), tools.split, [], []
     pairs = pictures_of(split.image_tsv, split, report, generated=False)
-    for chunk in batched(progress_of(pairs, len(split.ids), "real pictures"), tools.batch_size):
+    for chunk in batched(progress(len(split.ids), "real pictures", "img", pairs), tools.batch_size):
         pictures = real.add(chunk, tools)
         if tools.vq is not None:
             # The codes prepare.py stored are the encoding of these very pictures: decoding them is the round trip.
@@ -388,13 +375,6 @@ def score_real(tools: Tools, report: Report) -> tuple[Tally, dict[str, Any]]:
     if recon_features and real.count >= 2:
         result["recon_fid"] = fid_of_features(np.concatenate(real.features), np.concatenate(recon_features))
     return real, result
-
-
-def progress_of(items: Iterable, total: int, desc: str) -> Iterator:
-    with progress(total, desc, "img") as bar:
-        for item in items:
-            yield item
-            bar.update()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -424,10 +404,6 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     dtype = pick_dtype(device, args.dtype)
     settings = sweep_settings(args)
     ckpt = args.ckpt or (None if args.generated else DEFAULT_CKPT)
-    ranker = args.scorer != "gpt" and (args.scorer or (Path(ckpt or ".").parent / "scorer" / "best.pt").is_file())
-    if not ranker and any(s["candidates"] > 1 and s["cfg_scale"] in (0, 1) for s in settings):
-        raise UserError("best-of-N without a scorer ranks by the GPT's own score, which needs a cfg_scale other than "
-                        "0 and 1: train a scorer (config/scorer_demo.py) or leave those out of --sweep")
     pipe = load_pipeline(ckpt, device, dtype, args.vqgan_ckpt, args.data_dir, report) if ckpt else None
     data_dir = args.data_dir or (pipe.ckpt.get("data_dir") if pipe else None)
     if not data_dir:
@@ -482,7 +458,7 @@ def score_setting(pipe: Pipeline | None, split: ValSplit, sampling: dict[str, An
     else:
         pictures = pictures_of(Path(args.generated), split, report, generated=True)
     tally, started = Tally(), time.perf_counter()
-    for chunk in batched(progress_of(pictures, len(split.ids), "generated pictures"), args.batch_size):
+    for chunk in batched(progress(len(split.ids), "generated pictures", "img", pictures), args.batch_size):
         tally.add(chunk, tools)
     metrics = tally.metrics(tools, real)
     if metrics.get("demo") is not None:

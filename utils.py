@@ -61,9 +61,8 @@ def setting(default: Any, help_text: str) -> Any:
 
 
 def configure(argv: list[str], classes: Iterable[type], prog: str, doc: str) -> tuple[list[Any], set[str]]:
-    """Instances of the setting dataclasses `classes` from recipe files (Python files of `name = value`
-    lines) and then `--name=value` or `--name value` flags in `argv`; also the names that were given.
-    `--help` lists every setting with its default."""
+    """Instances of the setting dataclasses `classes` from recipe files (Python files of `name = value` lines),
+    then `--name=value` or `--name value` flags; also the names that were given."""
     fields = {f.name: f for cls in classes for f in dataclasses.fields(cls) if "help" in f.metadata}
     recipes, flags = [], []
     args = list(argv)
@@ -170,11 +169,8 @@ def _help(classes: Iterable[type], prog: str, doc: str) -> str:
 
 
 def pick_device(name: str | None = None) -> torch.device:
-    """The requested device, or the best one present: cuda, then mps, then cpu.
-
-    A machine with an NVIDIA GPU that this torch cannot use (a driver older than its CUDA, mostly) is an error
-    rather than hours on the CPU; `--device cpu` asks for the CPU on purpose.
-    """
+    """The requested device, or the best one present: cuda, then mps, then cpu. An NVIDIA GPU that this torch
+    cannot use (a driver older than its CUDA, mostly) is an error rather than hours on the CPU."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cuda = torch.cuda.is_available()
@@ -252,10 +248,9 @@ def cosine_lr(step: int, lr: float, min_lr: float, warmup: int, decay_steps: int
 
 
 def memory_gib(device: torch.device, children: bool = False) -> dict[str, float]:
-    """Peak memory so far. On CUDA what tensors took (allocated), what PyTorch's caching allocator held
-    (reserved), and what the card had to have (card: reserved plus the CUDA context and libraries, which no
-    allocator counts, taken now, with no other process on the GPU); elsewhere the peak resident memory of
-    this process, or with `children` of the largest child process that has ended."""
+    """Peak memory so far. On CUDA what tensors took, what the caching allocator reserved, and what the card had
+    to have (reserved plus the CUDA context and libraries, which no allocator counts); elsewhere the peak
+    resident memory of this process, or with `children` of the largest child process that has ended."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         reserved = torch.cuda.max_memory_reserved(device)
@@ -295,9 +290,10 @@ def locked(folder: str | os.PathLike, what: str) -> Iterator[IO]:
         yield lock
 
 
-def progress(total: int | None, desc: str, unit: str) -> tqdm:
-    """A progress bar with a rate on stderr; off a terminal, a line every 30 s rather than a flood."""
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
+def progress(total: int | None, desc: str, unit: str, items: Iterable | None = None) -> tqdm:
+    """A progress bar with a rate on stderr, over `items` if given; off a terminal, a line every 30 s rather than
+    a flood."""
+    return tqdm(items, total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
                 mininterval=0.5 if sys.stderr.isatty() else 30.0)
 
 
@@ -341,10 +337,8 @@ class Report:
 
 def process_pool(workers: int) -> ProcessPoolExecutor | None:
     """`workers` processes for CPU work (image decoding, PNG encoding), or None for 0: work in this process.
-
-    Started now, forked, so that they share the loaded modules and start at once: create the pool before
-    torch has run anything (its threads do not survive a fork). They leave Ctrl-C to this process.
-    """
+    Forked now, so that they start at once with the loaded modules: create the pool before torch has run
+    anything (its threads do not survive a fork). They leave Ctrl-C to this process."""
     if workers <= 0:
         return None
     fork = "fork" in multiprocessing.get_all_start_methods() and sys.platform != "darwin"
@@ -357,10 +351,8 @@ def process_pool(workers: int) -> ProcessPoolExecutor | None:
 def map_in_order(pool: ProcessPoolExecutor | None, fn: Callable[..., T], jobs: Iterable[tuple], window: int,
                  what: str) -> Iterator[T]:
     """fn(*job) for every job, in order, run by the `pool` with at most `window` jobs in flight (or here).
-
-    Jobs are taken from `jobs` only as room frees up, so a generator of jobs runs alongside the workers. A
-    worker that dies (killed, or by the system for want of memory) ends the run with a message, not a hang.
-    """
+    Jobs are taken only as room frees up, so a generator of jobs runs alongside the workers. A worker that dies
+    (killed, or for want of memory) ends the run with a message, not a hang."""
     if pool is None:
         yield from (fn(*job) for job in jobs)
         return

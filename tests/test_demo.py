@@ -47,7 +47,7 @@ def test_an_interrupted_write_leaves_nothing_that_looks_finished(tmp_path, monke
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old files, whole
     monkeypatch.undo()
     paths = demo.write_dataset(out, n_train=4, n_val=2, n_test=2, image_size=32, seed=1)  # and a rerun finishes
-    assert sorted(p.name for p in paths.values()) == sorted(TSV_FILES) and not (tmp_path / "demo_src.partial").exists()
+    assert sorted(p.name for p in paths) == sorted(TSV_FILES) and not (tmp_path / "demo_src.partial").exists()
     assert {p.name: p.read_bytes() for p in out.iterdir()} != before
 
 

@@ -22,6 +22,7 @@ import prepare
 import sample
 import train
 from model import GPT, GPTConfig, load_model
+from utils import batched
 from vqgan import save_checkpoint_atomic
 
 # --- Fréchet distance ------------------------------------------------------------------------------------------
@@ -131,6 +132,15 @@ class TinyExtractor(torch.nn.Module):
         return features, self.head(features)
 
 
+def extract_features(pictures, extractor, device, batch_size):
+    """Features and logits of every picture, in order, batch after batch as evaluate.Tally takes them."""
+    batches = [evaluate.features_of_batch(extractor, np.stack(chunk), device)
+               for chunk in batched(pictures, batch_size)]
+    if not batches:
+        return np.zeros((0, 0)), np.zeros((0, 0))
+    return tuple(np.concatenate(parts) for parts in zip(*batches, strict=True))
+
+
 def pictures(n: int, size: int = 24, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
@@ -139,11 +149,11 @@ def pictures(n: int, size: int = 24, seed: int = 0) -> list[np.ndarray]:
 def test_feature_pipeline_shapes_and_batching():
     extractor = TinyExtractor().eval()
     images = pictures(7)
-    features, logits = evaluate.extract_features(images, extractor, torch.device("cpu"), batch_size=3)
+    features, logits = extract_features(images, extractor, torch.device("cpu"), batch_size=3)
     assert features.shape == (7, 8) and logits.shape == (7, 5) and features.dtype == np.float64
     assert extractor.calls == [3, 3, 1]
     for batch_size in (1, 7, 100):
-        again = evaluate.extract_features(iter(images), extractor, torch.device("cpu"), batch_size)
+        again = extract_features(iter(images), extractor, torch.device("cpu"), batch_size)
         np.testing.assert_allclose(again[0], features, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(again[1], logits, rtol=1e-5, atol=1e-6)
 
@@ -151,9 +161,9 @@ def test_feature_pipeline_shapes_and_batching():
 def test_feature_pipeline_keeps_the_order_and_statistics_ignore_it():
     extractor = TinyExtractor().eval()
     images = pictures(9)
-    features, _ = evaluate.extract_features(images, extractor, torch.device("cpu"), batch_size=4)
+    features, _ = extract_features(images, extractor, torch.device("cpu"), batch_size=4)
     order = np.random.default_rng(0).permutation(9)
-    shuffled, _ = evaluate.extract_features([images[i] for i in order], extractor, torch.device("cpu"), 4)
+    shuffled, _ = extract_features([images[i] for i in order], extractor, torch.device("cpu"), 4)
     np.testing.assert_allclose(shuffled, features[order], rtol=1e-5, atol=1e-6)
     mu1, sigma1 = evaluate.feature_statistics(features)
     mu2, sigma2 = evaluate.feature_statistics(shuffled)
@@ -161,12 +171,12 @@ def test_feature_pipeline_keeps_the_order_and_statistics_ignore_it():
     np.testing.assert_allclose(sigma1, sigma2, atol=1e-6)
     assert evaluate.fid_of_features(features, shuffled) == pytest.approx(0.0, abs=1e-6)
     # and a different set of pictures is farther away
-    other, _ = evaluate.extract_features(pictures(9, seed=1), extractor, torch.device("cpu"), 4)
+    other, _ = extract_features(pictures(9, seed=1), extractor, torch.device("cpu"), 4)
     assert evaluate.fid_of_features(features, other) > 1e-4
 
 
 def test_no_pictures_give_empty_features():
-    features, logits = evaluate.extract_features([], TinyExtractor(), torch.device("cpu"), 4)
+    features, logits = extract_features([], TinyExtractor(), torch.device("cpu"), 4)
     assert features.shape[0] == 0 and logits.shape[0] == 0
 
 

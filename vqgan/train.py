@@ -7,16 +7,13 @@
         --batch_size=8 --learning_rate=2e-5 --disc_start=2000 --num_workers=6 --out_dir=out/vqgan_muge
 
 Settings as train.py takes them: recipe files of `name = value` lines, then `--name=value` flags. Images come
-from MUGE `*.img.tsv` files or folders of image files, streamed (never all in memory) and fitted to the square
-as prepare.py does. The loss is L1 (plus, optionally, squared error) and a multi-scale SSIM term, none of which
-needs a pretrained network; the codebook and commitment losses of the straight-through quantizer (or, with
-`codebook_ema`, codes kept at running means of their latents); and, from `disc_start` on, a hinge-loss patch
-discriminator whose weight follows the gradient scale of the reconstruction loss. A fresh codebook starts on
-encoder outputs, and codes unused for `restart_every` steps are moved onto encoder outputs of the batch.
+from MUGE `*.img.tsv` files or image folders, streamed and fitted to the square as prepare.py does. The loss
+needs no pretrained network: L1 (and optionally squared error) plus multi-scale SSIM, the quantizer's codebook
+and commitment terms, and from `disc_start` on a hinge-loss patch discriminator.
 
 `<out_dir>/ckpt.pt` holds the whole training state (`--init_from=resume` continues it); `<out_dir>/vqgan.pt`
-only the weights and config, for prepare.py and generate.py. Both load with `vqgan.load_vqgan`. This script
-uses the project's data.py and utils.py; the rest of vqgan/ stands alone.
+only the weights and config, for prepare.py and generate.py. This script uses the project's data.py and
+utils.py; the rest of vqgan/ stands alone.
 """
 
 from __future__ import annotations
@@ -38,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from data import RESIZE_MODES, BadRowError, TsvRow, fit_to_square, image_from_base64, open_image, read_tsv
+from data import RESIZE_MODES, BadRowError, fit_to_square, image_from_base64, open_image, read_tsv
 from utils import (
     UserError,
     autocast,
@@ -118,21 +115,17 @@ class VQGANTrainConfig:
     seed: int = setting(0, "initialization and data order")
 
     def __post_init__(self) -> None:
-        problems = []
-        if not self.data:
-            problems.append("--data is needed: MUGE *.img.tsv files or image folders")
-        if self.n_embed > 65536:
-            problems.append(f"--n_embed {self.n_embed}: codes are stored as uint16, so at most 65536")
-        if self.ch % 32 or self.ch <= 0:
-            problems.append(f"--ch {self.ch}: must be a positive multiple of 32 (GroupNorm uses 32 groups)")
-        if not self.ch_mult or any(level >= len(self.ch_mult) for level in self.attn_levels):
-            problems.append(f"--attn_levels {self.attn_levels} must name levels of --ch_mult {self.ch_mult}")
-        if self.disc_ch % 8:
-            problems.append(f"--disc_ch {self.disc_ch}: must be a multiple of 8")
-        if self.resize not in RESIZE_MODES:
-            problems.append(f"--resize must be one of {', '.join(RESIZE_MODES)}")
         positive = ("batch_size", "max_iters", "val_images", "eval_interval", "image_size")
-        problems += [f"--{name} must be positive" for name in positive if getattr(self, name) <= 0]
+        problems = [message for failed, message in (
+            (not self.data, "--data is needed: MUGE *.img.tsv files or image folders"),
+            (self.n_embed > 65536, f"--n_embed {self.n_embed}: codes are stored as uint16, so at most 65536"),
+            (self.ch % 32 or self.ch <= 0, f"--ch {self.ch}: must be a positive multiple of 32 (GroupNorm's groups)"),
+            (not self.ch_mult or any(level >= len(self.ch_mult) for level in self.attn_levels),
+             f"--attn_levels {self.attn_levels} must name levels of --ch_mult {self.ch_mult}"),
+            (self.disc_ch % 8, f"--disc_ch {self.disc_ch}: must be a multiple of 8"),
+            (self.resize not in RESIZE_MODES, f"--resize must be one of {', '.join(RESIZE_MODES)}"),
+            *((getattr(self, name) <= 0, f"--{name} must be positive") for name in positive),
+        ) if failed]
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -167,30 +160,23 @@ def stream_images(sources: list[str], image_size: int, resize: str, order: rando
     items = list_items(sources)
     if order is not None:
         order.shuffle(items)  # a TSV's rows stay in file order: the shuffle buffer mixes them
-    index, count = shard
-    position = -1
-    for label, path in items:
-        rows = ((f"{label}:{row.line_no}", row) for row in read_tsv(label)) if path is None else [(label, path)]
-        for where, row in rows:
-            position += 1
-            if position % count != index or where in skip:
-                continue
-            try:
-                yield where, _decode(row, image_size, resize)
-            except BadRowError as e:
-                print(f"warning: {where}: skipped: {e}", file=sys.stderr)
-
-
-def _decode(row: Path | TsvRow, image_size: int, resize: str) -> np.ndarray:
-    if isinstance(row, Path):
+    rows = itertools.chain.from_iterable(
+        ((f"{label}:{row.line_no}", row) for row in read_tsv(label)) if path is None else [(label, path)]
+        for label, path in items)
+    for position, (where, row) in enumerate(rows):
+        if position % shard[1] != shard[0] or where in skip:
+            continue
         try:
-            data = row.read_bytes()
-        except OSError as e:
-            raise BadRowError("unreadable file", str(e)) from None
-        return np.asarray(fit_to_square(open_image(data), image_size, resize), dtype=np.uint8)
-    if row.error is not None:
-        raise row.error
-    return image_from_base64(row.value, image_size, resize)
+            if isinstance(row, Path):
+                image = np.asarray(fit_to_square(open_image(row.read_bytes()), image_size, resize), dtype=np.uint8)
+            elif row.error is not None:
+                raise row.error
+            else:
+                image = image_from_base64(row.value, image_size, resize)
+        except (BadRowError, OSError) as e:
+            print(f"warning: {where}: skipped: {e}", file=sys.stderr)
+        else:
+            yield where, image
 
 
 class ImageStream(torch.utils.data.IterableDataset):
@@ -437,10 +423,8 @@ class Forward(NamedTuple):
     loss: torch.Tensor  # everything but the GAN term
     rec_loss: torch.Tensor  # the weighted L1 + L2 + SSIM part, whose gradient scale the GAN weight follows
     l1: torch.Tensor
-    l2: torch.Tensor
     ssim: torch.Tensor
     codebook: torch.Tensor
-    commitment: torch.Tensor
     x_rec: torch.Tensor  # fp32 reconstructions
     z: torch.Tensor  # encoder latents before quantizing
     codes: torch.Tensor
@@ -461,7 +445,7 @@ def forward(model: VQGAN, x: torch.Tensor, args: VQGANTrainConfig, device: torch
     loss = rec_loss + args.commit_beta * commitment_loss
     if args.codebook_ema <= 0:
         loss = loss + args.codebook_weight * codebook_loss
-    return Forward(loss, rec_loss, l1, l2, ssim_loss, codebook_loss, commitment_loss, x_rec, z, codes)
+    return Forward(loss, rec_loss, l1, ssim_loss, codebook_loss, x_rec, z, codes)
 
 
 # --- the run -----------------------------------------------------------------------------------------------
