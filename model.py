@@ -45,7 +45,7 @@ class GPTConfig:
     # the model (the defaults are the CPU demo's size; config/ has the real recipes)
     n_layer: int = setting(4, "transformer blocks")
     n_head: int = setting(4, "attention heads; must divide n_embd")
-    n_embd: int = setting(256, "width of the model")
+    n_embd: int = setting(128, "width of the model")
     dropout: float = setting(0.0, "dropout in the model (and in a from-scratch text encoder)")
     bias: bool = setting(False, "biases in linear layers and layer norms")
     text_n_layer: int = setting(2, "layers of the from-scratch text encoder")
