@@ -280,8 +280,10 @@ def start_generate(trained, tmp_path: Path, **popen) -> subprocess.Popen:
 
 
 def test_ctrl_c_ends_the_run_with_one_line_and_status_130(trained, tmp_path):
-    # Ctrl-C signals the whole process group: the main process and its encoding workers.
-    child = start_generate(trained, tmp_path, start_new_session=True)
+    # Ctrl-C signals the whole process group: the main process and its encoding workers. A shell that runs the
+    # tests in the background hands them SIGINT ignored, and so would its children; a terminal's user would not.
+    child = start_generate(trained, tmp_path, start_new_session=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = child.stdout.readline()
     os.killpg(child.pid, signal.SIGINT)
     rest, stderr = child.communicate(timeout=120)
