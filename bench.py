@@ -167,17 +167,18 @@ def bench_vqgan_train(args: argparse.Namespace) -> None:
 # --- training -----------------------------------------------------------------------------------------------
 
 
-def write_synthetic_data(data_dir: str, args: argparse.Namespace) -> None:
+def write_synthetic_data(data_dir: str, rows: int, codebook_size: int, grid: int, text_len: int,
+                         text_vocab_size: int) -> None:
     """Random codes and captions in prepare.py's layout: the speed of a step does not depend on the values."""
-    rng, grid, text_len = np.random.default_rng(0), args.grid, args.text_len
+    rng = np.random.default_rng(0)
     os.makedirs(data_dir)
-    for split, n in (("train", args.rows), ("val", max(1, args.rows // 8))):
-        rng.integers(0, args.codebook_size, (n, grid * grid), dtype=np.uint16).tofile(f"{data_dir}/{split}.img.bin")
-        text = rng.integers(1, args.text_vocab_size, (n, text_len), dtype=np.uint16)
+    for split, n in (("train", rows), ("val", max(1, rows // 8))):
+        rng.integers(0, codebook_size, (n, grid * grid), dtype=np.uint16).tofile(f"{data_dir}/{split}.img.bin")
+        text = rng.integers(1, text_vocab_size, (n, text_len), dtype=np.uint16)
         text[:, text_len // 2 :] = 0  # captions are right-padded
         text.tofile(f"{data_dir}/{split}.txt.bin")
-    meta = {"image_size": grid * 16, "code_grid": [grid, grid], "codebook_size": args.codebook_size,
-            "text_len": text_len, "tokenizer": "vocab.txt", "text_vocab_size": args.text_vocab_size, "pad_id": 0}
+    meta = {"image_size": grid * 16, "code_grid": [grid, grid], "codebook_size": codebook_size, "text_len": text_len,
+            "tokenizer": "vocab.txt", "text_vocab_size": text_vocab_size, "pad_id": 0}
     Path(data_dir, "meta.json").write_text(json.dumps(meta))
 
 
@@ -218,7 +219,7 @@ def estimate_gpu_memory(config: GPTConfig, batch_sizes: list[int]) -> dict[int, 
 def bench_train(args: argparse.Namespace, flags: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = os.path.join(tmp, "data")
-        write_synthetic_data(data_dir, args)
+        write_synthetic_data(data_dir, args.rows, args.codebook_size, args.grid, args.text_len, args.text_vocab_size)
         argv = [*([args.config] if args.config else []), *flags, f"--data_dir={data_dir}",
                 f"--out_dir={tmp}/out", f"--max_iters={args.steps}", f"--eval_interval={args.steps + 1}",
                 "--eval_iters=1", "--log_interval=1", "--warmup_iters=0"]
