@@ -1,13 +1,5 @@
-"""Reading MUGE-style TSVs and turning their base64 images into square RGB arrays.
-
-The rules here are the ones prepare.py applies to every training image; generate.py and evaluate.py use the
-same functions so that a prompt file or a real validation image is read exactly as prepare read it.
-
-A MUGE TSV has one row per line, `img_id \\t value`, where the value is a caption (`*.text.tsv`) or a base64
-image (`*.img.tsv`). Lines may start with a UTF-8 BOM (concatenated files have one on a later line), end in
-CRLF, and be blank. A caption that holds a tab keeps it as a space: the img_id before the first tab is
-unambiguous.
-"""
+"""Reading MUGE-style TSVs (`img_id \\t caption` or `img_id \\t base64 image`) and turning images into square RGB
+arrays. prepare.py, generate.py and evaluate.py all read through here, so a row reads the same everywhere."""
 
 from __future__ import annotations
 
@@ -68,16 +60,14 @@ class TsvRow(NamedTuple):
 class TextRow(NamedTuple):
     line_no: int
     img_id: str
-    caption: str  # stripped of surrounding whitespace
+    caption: str  # stripped of surrounding whitespace; a tab inside it becomes a space
     error: BadRowError | None
 
 
 def read_tsv(path: str | os.PathLike, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[TsvRow]:
-    """Stream the rows of a two-column TSV, one line in memory at a time; blank lines are skipped.
+    """Stream the rows of a two-column TSV, one line in memory at a time; blank lines, BOMs and CRs are dropped.
 
-    Unusable lines come back with `error` set instead of raising, so that one bad line costs one row. A file
-    that is not line-separated UTF-8 at all (UTF-16, CR-only line ends) is a UserError before any row.
-    """
+    A bad line comes back with `error` set, so that it costs one row; UTF-16 or CR-only files are a UserError."""
     with open(path, "rb") as f:
         head = f.read(1 << 16)
         if head.startswith((b"\xff\xfe", b"\xfe\xff")):
@@ -102,18 +92,18 @@ def read_tsv(path: str | os.PathLike, max_line_bytes: int = MAX_LINE_BYTES) -> I
 
 def _split_row(line: bytes, line_no: int) -> TsvRow:
     raw_id, tab, value = line.partition(b"\t")
+    bad = lambda *reason: TsvRow(line_no, _printable_id(raw_id), b"", BadRowError(*reason))
     if not tab:
-        return TsvRow(line_no, _printable_id(raw_id), b"", BadRowError("malformed line", "no tab after the img_id"))
+        return bad("malformed line", "no tab after the img_id")
     try:
         img_id = raw_id.decode("utf-8").strip()
     except UnicodeDecodeError:
-        return TsvRow(line_no, _printable_id(raw_id), b"", BadRowError("bad img_id", "not UTF-8"))
+        return bad("bad img_id", "not UTF-8")
     if not img_id:
         return TsvRow(line_no, "", b"", BadRowError("empty img_id"))
     # A line break (\r, U+2028, \x1c, ...) inside an id would split its line in every list of ids written.
     if not img_id.isprintable():
-        return TsvRow(line_no, _printable_id(raw_id), b"", BadRowError("bad img_id", "control or line-break "
-                                                                         "characters"))
+        return bad("bad img_id", "control or line-break characters")
     return TsvRow(line_no, img_id, value.strip(), None)
 
 
@@ -126,8 +116,7 @@ def _printable_id(field: bytes) -> str:
 def read_text_tsv(path: str | os.PathLike) -> Iterator[TextRow]:
     """Stream `img_id \\t caption` rows with captions decoded; empty or undecodable captions carry an error.
 
-    A file of which most lines are not UTF-8 is in another encoding: a UserError once it has been read.
-    """
+    A file of which most lines are not UTF-8 is in another encoding: a UserError once it has been read."""
     rows = undecodable = 0
     first_bad = None
     for row in read_tsv(path):
@@ -149,18 +138,11 @@ def read_text_tsv(path: str | os.PathLike) -> Iterator[TextRow]:
                         "`iconv -f GB18030 -t UTF-8`")
 
 
-class Caption(NamedTuple):
-    line_no: int
-    caption: str
-    error: BadRowError | None
-
-
-def read_captions(path: str | os.PathLike) -> tuple[dict[str, Caption], list[tuple[int, str, BadRowError]]]:
+def read_captions(path: str | os.PathLike) -> tuple[dict[str, TextRow], list[tuple[int, str, BadRowError]]]:
     """All caption rows by img_id (the first of a repeated id wins), and the rejected rows in file order.
 
-    A rejected caption is kept in the dict too, so that its image row can say why it has no caption.
-    """
-    captions: dict[str, Caption] = {}
+    A rejected caption is kept in the dict too, so that its image row can say why it has no caption."""
+    captions: dict[str, TextRow] = {}
     rejects: list[tuple[int, str, BadRowError]] = []
     for row in read_text_tsv(path):
         if row.error is not None and row.error.reason in LINE_ERRORS:
@@ -175,7 +157,7 @@ def read_captions(path: str | os.PathLike) -> tuple[dict[str, Caption], list[tup
             error = BadRowError("empty caption", "nothing but spaces and control characters")
         if error is not None:
             rejects.append((row.line_no, row.img_id, error))
-        captions[row.img_id] = Caption(row.line_no, row.caption, error)
+        captions[row.img_id] = row._replace(error=error)
     return captions, rejects
 
 
@@ -252,9 +234,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _to_8bit_gray(image: Image.Image) -> Image.Image:
-    # Pillow's own conversion clips 16-bit values at 255 instead of scaling them. Float images have no agreed
-    # range: they are taken as 0..255. Integer ones as 16-bit, 65535 -> 255, rounded in integers. Strips of
-    # rows, so that the temporaries (and np.asarray's copy) stay small whatever the image's size.
+    # Pillow's own conversion clips 16-bit values at 255 instead of scaling them: integers are taken as 16-bit
+    # (65535 -> 255, rounded in integers), floats as 0..255. In strips of rows, so temporaries stay small.
     gray = np.empty((image.height, image.width), dtype=np.uint8)
     for top in range(0, image.height, 256):
         values = np.asarray(image.crop((0, top, image.width, min(top + 256, image.height))))
@@ -267,11 +248,8 @@ def _to_8bit_gray(image: Image.Image) -> Image.Image:
 
 
 def fit_to_square(image: Image.Image, size: int, resize: str = "pad") -> Image.Image:
-    """An RGB image as `size` x `size`.
-
-    "pad" scales the longer side to `size` and fills the rest with the picture's own background (the median
-    colour of the edges next to the padding), so the whole product stays; "crop" scales the shorter side and
-    cuts the centre square. An image that is already `size` x `size` is returned untouched (no resampling).
+    """An RGB image as `size` x `size` (one that already is stays untouched). "pad" scales the longer side to `size`
+    and fills the rest with the median colour of the edges beside it; "crop" scales the shorter side, cuts the centre.
     """
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {RESIZE_MODES}, not {resize!r}")

@@ -1,19 +1,8 @@
-"""The embedded demo data: simple product pictures on white, with Chinese shop titles that describe them.
-
-Every picture is one product of a category (T恤, 连衣裙, ...), a colour (红, 蓝, ...) and a pattern (纯色, 条纹,
-...), drawn as a flat silhouette at a random size and place. Its title names the three among the filler words
-real titles are full of (`2021夏季新款`, `韩版宽松`, ...), and `parse_caption` reads them back, so a generated
-picture can be scored against its title: `foreground_colour` for the colour, and renders of known products
-for the category. Output is in the MUGE layout, so the real data path (prepare.py) runs on it unchanged:
-
-    python demo.py --out_dir data/demo_src --n_train 4096 --image_size 64 --seed 0
-
-The same arguments always give byte-identical files.
-"""
+"""The embedded demo data, in the MUGE layout: flat product pictures (category, colour, pattern) on white, with shop
+titles naming the three among filler words, and the scoring of a generated picture against its title."""
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import io
@@ -21,7 +10,6 @@ import itertools
 import math
 import random
 import shutil
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +20,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 
 CATEGORIES = ("T恤", "连衣裙", "裤子", "手提包", "帽子", "运动鞋", "口红", "香水")
-# Titles write a colour as "<name>色". Each has a body shade and a deeper trim shade for outlines and details,
-# still nearest its own colour: the RGB values are far apart so that pixels can be told apart. A white product
-# would vanish on white, so its trim and pattern are grey, and grey pixels count as white.
+# Titles write a colour as "<name>色". Each has a body and a deeper trim shade, far apart from the other colours'.
+# A white product would vanish on white, so its trim and pattern are grey, and grey pixels count as white.
 COLOURS = {  # name: (body, trim)
     "红": ((215, 35, 40), (160, 20, 25)),
     "蓝": ((35, 85, 200), (20, 55, 150)),
@@ -114,19 +101,11 @@ def _the_one(caption: str, what: str, found: list[str]) -> str:
 ASPECT = {"T恤": 1.1, "连衣裙": 0.75, "裤子": 0.6, "手提包": 1.2, "帽子": 1.5, "运动鞋": 1.8, "口红": 0.35, "香水": 0.7}
 # Parts drawn in the pattern are polygons; "trim" parts (handles, caps, rings) are drawn in the outline colour.
 SHAPES: dict[str, dict[str, list]] = {
-    "T恤": {
-        "body": [
-            [(0.38, 0.0), (0.18, 0.04), (0.0, 0.3), (0.12, 0.43), (0.22, 0.34), (0.22, 1.0), (0.78, 1.0),
-             (0.78, 0.34), (0.88, 0.43), (1.0, 0.3), (0.82, 0.04), (0.62, 0.0), (0.56, 0.07), (0.5, 0.09),
-             (0.44, 0.07)]
-        ],
-    },
-    "连衣裙": {
-        "body": [
-            [(0.28, 0.0), (0.35, 0.0), (0.5, 0.14), (0.65, 0.0), (0.72, 0.0), (0.73, 0.3), (0.64, 0.42),
-             (1.0, 1.0), (0.0, 1.0), (0.36, 0.42), (0.27, 0.3)]
-        ],
-    },
+    "T恤": {"body": [[(0.38, 0.0), (0.18, 0.04), (0.0, 0.3), (0.12, 0.43), (0.22, 0.34), (0.22, 1.0), (0.78, 1.0),
+                      (0.78, 0.34), (0.88, 0.43), (1.0, 0.3), (0.82, 0.04), (0.62, 0.0), (0.56, 0.07), (0.5, 0.09),
+                      (0.44, 0.07)]]},
+    "连衣裙": {"body": [[(0.28, 0.0), (0.35, 0.0), (0.5, 0.14), (0.65, 0.0), (0.72, 0.0), (0.73, 0.3), (0.64, 0.42),
+                         (1.0, 1.0), (0.0, 1.0), (0.36, 0.42), (0.27, 0.3)]]},
     "裤子": {
         "body": [[(0.04, 0.0), (0.96, 0.0), (1.0, 1.0), (0.58, 1.0), (0.5, 0.28), (0.42, 1.0), (0.0, 1.0)]],
         "lines": [[(0.04, 0.09), (0.96, 0.09)]],
@@ -136,30 +115,26 @@ SHAPES: dict[str, dict[str, list]] = {
         "arcs": [((0.27, 0.0, 0.73, 0.72), 180, 360)],
     },
     "帽子": {
-        "body": [
-            [(0.02, 0.8), (0.06, 0.45), (0.18, 0.18), (0.4, 0.04), (0.62, 0.18), (0.74, 0.45), (0.78, 0.8)],
-            [(0.7, 0.72), (0.98, 0.84), (1.0, 0.96), (0.7, 0.96)],
-            [(0.02, 0.8), (0.78, 0.8), (0.78, 0.96), (0.02, 0.96)],
-        ],
+        "body": [[(0.02, 0.8), (0.06, 0.45), (0.18, 0.18), (0.4, 0.04), (0.62, 0.18), (0.74, 0.45), (0.78, 0.8)],
+                 [(0.7, 0.72), (0.98, 0.84), (1.0, 0.96), (0.7, 0.96)],
+                 [(0.02, 0.8), (0.78, 0.8), (0.78, 0.96), (0.02, 0.96)]],
         "trim": [[(0.36, 0.0), (0.44, 0.0), (0.44, 0.06), (0.36, 0.06)]],
     },
     "运动鞋": {
-        "body": [
-            [(0.0, 0.08), (0.1, 0.0), (0.3, 0.16), (0.42, 0.06), (0.52, 0.28), (0.76, 0.46), (0.94, 0.56),
-             (1.0, 0.72), (1.0, 1.0), (0.0, 1.0)]
-        ],
+        "body": [[(0.0, 0.08), (0.1, 0.0), (0.3, 0.16), (0.42, 0.06), (0.52, 0.28), (0.76, 0.46), (0.94, 0.56),
+                  (1.0, 0.72), (1.0, 1.0), (0.0, 1.0)]],
         "lines": [[(0.0, 0.8), (1.0, 0.8)], [(0.46, 0.3), (0.56, 0.22)], [(0.56, 0.38), (0.66, 0.3)]],
     },
     "口红": {
-        "body": [[(0.0, 0.46), (1.0, 0.46), (1.0, 1.0), (0.0, 1.0)], [(0.2, 0.36), (0.8, 0.36), (0.8, 0.0),
-                                                                     (0.2, 0.16)]],
+        "body": [[(0.0, 0.46), (1.0, 0.46), (1.0, 1.0), (0.0, 1.0)],
+                 [(0.2, 0.36), (0.8, 0.36), (0.8, 0.0), (0.2, 0.16)]],
         "trim": [[(0.08, 0.36), (0.92, 0.36), (0.92, 0.46), (0.08, 0.46)]],
     },
     "香水": {
         "body": [[(0.0, 0.42), (0.08, 0.32), (0.92, 0.32), (1.0, 0.42), (1.0, 0.92), (0.92, 1.0), (0.08, 1.0),
                   (0.0, 0.92)]],
-        "trim": [[(0.34, 0.0), (0.66, 0.0), (0.66, 0.2), (0.34, 0.2)], [(0.42, 0.2), (0.58, 0.2), (0.58, 0.32),
-                                                                        (0.42, 0.32)]],
+        "trim": [[(0.34, 0.0), (0.66, 0.0), (0.66, 0.2), (0.34, 0.2)],
+                 [(0.42, 0.2), (0.58, 0.2), (0.58, 0.32), (0.42, 0.32)]],
     },
 }
 
@@ -237,10 +212,7 @@ def _distance_from_white(image: Image.Image | np.ndarray) -> tuple[np.ndarray, n
 def foreground_colour(image: Image.Image | np.ndarray) -> str:
     """The colour name whose body or trim shade is nearest to the median of the most strongly coloured pixels.
 
-    Patterns are white on coloured products, so their pixels and the blends at their borders are the palest
-    part of the foreground and are left out. White products show only their grey trim, which counts as white,
-    as does a picture with no foreground at all.
-    """
+    That leaves out white patterns and their blends; a white product's grey trim, or no foreground, reads as white."""
     pixels, distance = _distance_from_white(image)
     foreground = distance > 60.0
     if not foreground.any():
@@ -287,11 +259,8 @@ def png_base64(image: Image.Image) -> str:
 
 def write_dataset(out_dir: str | Path, n_train: int = 4096, n_val: int = 256, n_test: int = 64,
                   image_size: int = 64, seed: int = 0) -> list[Path]:
-    """Write T2I_{train,val}.{img,text}.tsv and T2I_test.text.tsv under `out_dir`; returns their paths.
-
-    They are written into a folder beside it that replaces it once complete, so an interrupted run never
-    leaves a truncated TSV that looks finished.
-    """
+    """Write T2I_{train,val}.{img,text}.tsv and T2I_test.text.tsv under `out_dir` and return their paths; the same
+    arguments give byte-identical files. A folder beside it replaces it once complete: no truncated TSV looks done."""
     out_dir = Path(out_dir)
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -314,11 +283,8 @@ MATCHER_GRID = 16  # silhouettes are compared at 16x16 after cropping to the pro
 
 
 def silhouette(picture: np.ndarray) -> np.ndarray:
-    """bool [H, W]: the product's shape, holes included.
-
-    White stripes, checks and dots of a pattern and the body of a white product are as pale as the background;
-    they belong to the product when the background cannot reach them from the picture's border.
-    """
+    """bool [H, W]: the product's shape, including pale parts (white patterns, white products) that the background
+    cannot reach from the picture's border."""
     background = ~foreground_mask(picture)
     outside = np.zeros_like(background)
     for edge in (np.s_[0, :], np.s_[-1, :], np.s_[:, 0], np.s_[:, -1]):
@@ -436,24 +402,3 @@ def product_of(caption: str) -> Product | None:
         return parse_caption(caption)
     except ValueError:
         return None
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out_dir", default="data/demo_src", help="folder for the T2I_*.tsv files")
-    parser.add_argument("--n_train", type=int, default=4096, help="training images")
-    parser.add_argument("--n_val", type=int, default=256, help="validation images")
-    parser.add_argument("--n_test", type=int, default=64, help="test titles (no images, as in MUGE)")
-    parser.add_argument("--image_size", type=int, default=64,
-                        help="square image side in pixels (48 or more keeps the patterns visible)")
-    parser.add_argument("--seed", type=int, default=0, help="the same seed gives byte-identical files")
-    args = parser.parse_args()
-    if args.image_size < 16:
-        parser.error("--image_size must be at least 16")
-    paths = write_dataset(args.out_dir, args.n_train, args.n_val, args.n_test, args.image_size, args.seed)
-    for path in paths:
-        print(path, file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()

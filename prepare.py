@@ -38,7 +38,7 @@ from data import (
     MAX_DECODE_MB,
     RESIZE_MODES,
     BadRowError,
-    Caption,
+    TextRow,
     image_from_base64,
     read_captions,
     read_tsv,
@@ -64,9 +64,8 @@ SPLITS = ("train", "val")
 REJECTS_FILE = "rejects.tsv"
 DEFAULT_VAL_FRACTION = 0.05
 
-# `python prepare.py` alone prepares the demo: synthetic products and the small VQGAN in assets/, which was
-# trained at 64 px. Demo titles are at most 28 tokens long. Its products are drawn mirrored at random, so their
-# mirror images are more of the same: they cut the demo GPT's val loss by 0.19 bits per code (BENCHMARKS.md).
+# `python prepare.py` alone prepares the demo with the small VQGAN in assets/ (trained at 64 px; titles <= 28 tokens).
+# Products are drawn mirrored at random, so --flip adds more of the same: -0.19 bits/code of val loss (BENCHMARKS.md).
 DEMO_SOURCE = Path("data/demo_src")
 DEMO_IMAGE_SIZE = 64
 DEMO_ARGS = ["--data_dir", str(DEMO_SOURCE), "--vqgan_ckpt", "assets/vqgan_demo.pt", "--out_dir", "data/demo",
@@ -143,7 +142,7 @@ class Row(NamedTuple):
     error: BadRowError | None
 
 
-def plan_rows(source: Source, captions: dict[str, Caption], val_fraction: float, kept_before: set[str]
+def plan_rows(source: Source, captions: dict[str, TextRow], val_fraction: float, kept_before: set[str]
               ) -> Iterator[Row]:
     """Read image rows and decide from the ids alone what can be rejected before decoding. Captions are
     taken out of `captions` as their images claim them; `kept_before` holds the img_ids earlier sources put
@@ -241,7 +240,7 @@ def encode_batch(batch: list[tuple[Row, np.ndarray]], vq: VQGAN, tokenizer, args
                    [batch[i][0].img_id + FLIP_SUFFIX for i in flipped])
 
 
-def prepare_source(source: Source, captions: dict[str, Caption], text_rejects: list, val_fraction: float,
+def prepare_source(source: Source, captions: dict[str, TextRow], text_rejects: list, val_fraction: float,
                    vq: VQGAN, tokenizer, pool: ProcessPoolExecutor | None, args: argparse.Namespace, out: Outputs,
                    bar) -> None:
     img_name, text_name = source.img_path.name, source.text_path.name
@@ -366,8 +365,8 @@ def _prepare(args: argparse.Namespace, sources: list[Source], test_prompts: Path
     try:
         with progress(None, "prepare", "rows") as bar:
             for source in sources:
-                captions, rejects = (first_captions, first_rejects) if source is sources[0] else read_captions(
-                    source.text_path)
+                first = source is sources[0]
+                captions, rejects = (first_captions, first_rejects) if first else read_captions(source.text_path)
                 prepare_source(source, captions, rejects, settings["val_fraction"] or 0.0, vq, tokenizer, pool, args,
                                out, bar)
             rows_read = bar.n

@@ -1,14 +1,5 @@
 """The text side of the data: a character vocabulary built from captions, tokenizer loading, fixed-length ids.
-
-Either tokenizer is a BERT-style WordPiece tokenizer from `transformers`, so the text encoder in model.py is a
-`BertModel` whether it is pretrained or trained from scratch.
-
-The built vocabulary is character level and behaves like the pretrained Chinese BERTs
-(bert-base-chinese, chinese-roberta-wwm-ext): text is lowercased, every CJK ideograph and every punctuation
-mark (ASCII or full-width) is a token of its own, and a run of other characters (latin letters, digits) is a
-word spelled one character at a time: "T恤" -> t 恤, "XL" -> x ##l, "2021" -> 2 ##0 ##2 ##1. Spaces separate
-words and are not tokens. Full-width letters are kept apart from ASCII ones ("Ｔ" -> "ｔ"), as those models do.
-"""
+Built or pretrained, the tokenizer is a BERT-style WordPiece one, so model.py's text encoder is a `BertModel`."""
 
 from __future__ import annotations
 
@@ -32,15 +23,13 @@ MAX_VOCAB = 65536  # ids are stored as uint16
 _NORMALIZER = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True)
 _WORD_SPLITTER = pre_tokenizers.BertPreTokenizer()
 # Always present so that prompts with letters or digits unseen in training still tokenize without [UNK].
-_BASE_PIECES = (
-    [c for c in string.ascii_lowercase + string.digits]
-    + ["##" + c for c in string.ascii_lowercase + string.digits]
-    + list(string.punctuation)
-)
+_BASE_PIECES = [*string.ascii_lowercase, *string.digits, *("##" + c for c in string.ascii_lowercase + string.digits),
+                *string.punctuation]
 
 
 def char_pieces(caption: str) -> Iterator[str]:
-    """The vocabulary entries a caption needs: a word's first character as is, the others as `##c`."""
+    """The vocabulary entries a caption needs, split as the Chinese BERTs do: lowercased, each CJK ideograph and
+    punctuation mark alone, other runs spelled out ("T恤" -> t 恤, "XL" -> x ##l, "2021" -> 2 ##0 ##2 ##1)."""
     for word, _ in _WORD_SPLITTER.pre_tokenize_str(_NORMALIZER.normalize_str(caption)):
         yield word[0]
         for char in word[1:]:
@@ -53,8 +42,7 @@ def has_text(caption: str) -> bool:
 
 
 def build_char_vocab(captions: Iterable[str]) -> list[str]:
-    """The special tokens, then every piece of every caption in code point order: the same captions always
-    give the same file, whatever their order."""
+    """The special tokens, then the captions' pieces in code point order: any order of the captions gives one file."""
     pieces = set(_BASE_PIECES)
     for caption in captions:
         pieces.update(char_pieces(caption))
@@ -77,11 +65,8 @@ def read_vocab(path: str | os.PathLike) -> list[str]:
 
 
 def load_tokenizer(spec: str, data_dir: str | os.PathLike | None = None) -> PreTrainedTokenizerBase:
-    """A tokenizer from meta.json's "tokenizer" value or prepare's --text_tokenizer.
-
-    `spec` is "vocab.txt" (the file in `data_dir`, as prepare.py writes it), a path to a vocab.txt or to a
-    folder holding a tokenizer, or a Hugging Face model name. Padding must be id 0. Raises UserError.
-    """
+    """A tokenizer from meta.json's "tokenizer" value or prepare's --text_tokenizer: "vocab.txt" (the file in
+    `data_dir`), a path to a vocab.txt or a tokenizer folder, or a Hugging Face name. Padding must be id 0."""
     path = Path(data_dir) / VOCAB_FILE if spec == VOCAB_FILE and data_dir is not None else Path(spec)
     try:
         if path.is_file():
@@ -98,7 +83,11 @@ def load_tokenizer(spec: str, data_dir: str | os.PathLike | None = None) -> PreT
     except (OSError, ValueError) as e:  # what transformers raises for a name it cannot find offline
         raise UserError(f"cannot load the tokenizer {spec!r}: {str(e).splitlines()[0]} (a Hugging Face name must be "
                         "downloaded once while online; or pass a local folder)") from None
-    _check_tokenizer(tokenizer, spec)
+    if tokenizer.pad_token_id != 0:
+        raise UserError(f"tokenizer {spec!r} pads with id {tokenizer.pad_token_id}; the data format needs padding id 0 "
+                        "(BERT-style tokenizers such as bert-base-chinese or chinese-roberta-wwm-ext have it)")
+    if len(tokenizer) > MAX_VOCAB:
+        raise UserError(f"tokenizer {spec!r} has {len(tokenizer)} tokens; ids must fit in uint16 ({MAX_VOCAB})")
     return tokenizer
 
 
@@ -114,24 +103,11 @@ def _bert_tokenizer(vocab_path: Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _check_tokenizer(tokenizer: PreTrainedTokenizerBase, spec: str) -> None:
-    if tokenizer.pad_token_id != 0:
-        raise UserError(
-            f"tokenizer {spec!r} pads with id {tokenizer.pad_token_id}; the data format needs padding id 0 "
-            "(BERT-style tokenizers such as bert-base-chinese or chinese-roberta-wwm-ext have it)"
-        )
-    if len(tokenizer) > MAX_VOCAB:
-        raise UserError(f"tokenizer {spec!r} has {len(tokenizer)} tokens; ids must fit in uint16 ({MAX_VOCAB})")
-
-
-def tokenize_captions(
-    tokenizer: PreTrainedTokenizerBase, captions: Sequence[str], text_len: int
-) -> tuple[np.ndarray, np.ndarray]:
+def tokenize_captions(tokenizer: PreTrainedTokenizerBase, captions: Sequence[str], text_len: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
     """Captions -> (uint16 ids [N, text_len] right-padded with 0, full token counts [N] before truncation).
 
-    Ids include the tokenizer's special tokens ([CLS] ... [SEP]); a caption longer than `text_len` is cut by
-    the tokenizer, keeping its closing [SEP]. `counts > text_len` marks the truncated ones.
-    """
+    Ids include [CLS] ... [SEP]; a caption longer than `text_len` is cut, keeping its [SEP] (`counts > text_len`)."""
     ids = np.zeros((len(captions), text_len), dtype=np.uint16)
     if not captions:
         return ids, np.zeros(0, dtype=np.int64)

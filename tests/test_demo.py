@@ -1,10 +1,7 @@
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT
 
 import demo
 from data import image_from_base64, read_text_tsv, read_tsv
@@ -119,13 +116,6 @@ def test_lipstick_is_not_read_as_red():
 
 def test_empty_picture_counts_as_white():
     assert demo.foreground_colour(np.full((16, 16, 3), 255, np.uint8)) == "白"
-
-
-def test_cli_writes_the_files(tmp_path):
-    cmd = [sys.executable, "demo.py", "--out_dir", str(tmp_path), "--n_train", "4", "--n_val", "2", "--n_test", "2",
-           "--image_size", "32", "--seed", "1"]
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(TSV_FILES)
 
 
 # --- the demo's attribute scorer -----------------------------------------------------------------------------

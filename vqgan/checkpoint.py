@@ -1,9 +1,5 @@
-"""Reading and writing checkpoints safely, and rebuilding a VQGAN from nothing but its tensors.
-
-`torch.load` unpickles arbitrary objects, and `weights_only=True` refuses the real taming checkpoints because
-their Lightning callbacks are keyed by a class. The unpickler here lets tensors and plain containers through,
-turns training-framework classes into inert placeholders, and refuses everything else before it can run.
-"""
+"""Reading and writing checkpoints safely (unpickling runs no code), and rebuilding a VQGAN from nothing but its
+tensors."""
 
 from __future__ import annotations
 
@@ -23,25 +19,17 @@ class CheckpointError(ValueError):
     """A file that is not a loadable checkpoint; the message names the file and the reason."""
 
 
-# Globals a tensor checkpoint legitimately needs.
+# Globals a tensor checkpoint legitimately needs, by module.
 _ALLOWED_GLOBALS = {
-    ("collections", "OrderedDict"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-    ("builtins", "slice"),
-    ("torch", "Size"),
-    ("torch", "device"),
-    ("torch._utils", "_rebuild_tensor_v2"),
-    ("torch._utils", "_rebuild_parameter"),
-    ("torch._utils", "_rebuild_parameter_with_state"),
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset", "slice"},
+    "torch": {"Size", "device"},
+    "torch._utils": {"_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state"},
     # numpy scalars and arrays, which some training loops store as metrics
-    ("_codecs", "encode"),
-    ("numpy", "dtype"),
-    ("numpy", "ndarray"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "_reconstruct"),
+    "_codecs": {"encode"},
+    "numpy": {"dtype", "ndarray"},
+    "numpy.core.multiarray": {"scalar", "_reconstruct"},
+    "numpy._core.multiarray": {"scalar", "_reconstruct"},
 }
 _TORCH_STORAGE = re.compile(r"(\w+Storage)$")
 # Training frameworks whose objects appear in checkpoint metadata; their state is data, never code we need.
@@ -75,8 +63,11 @@ class _Refused(pickle.UnpicklingError):
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
+    """Tensors and plain data pass, training-framework classes become inert placeholders, all else is refused.
+    Not `weights_only=True`: that refuses taming's checkpoints, whose Lightning callbacks are keyed by a class."""
+
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED_GLOBALS:
+        if name in _ALLOWED_GLOBALS.get(module, ()):
             return super().find_class(module, name)
         if module == "torch" and (_TORCH_STORAGE.match(name) or isinstance(getattr(torch, name, None), torch.dtype)):
             return getattr(torch, name)
@@ -85,14 +76,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise _Refused(f"refusing to load {module}.{name}: a checkpoint may hold only tensors and plain data")
 
 
-def _restricted_load(file: Any, **kwargs: Any) -> Any:
-    return _RestrictedUnpickler(file, **kwargs).load()
-
-
 # torch.load uses a pickle module's `Unpickler` (zip checkpoints) and `load` (legacy ones).
 _restricted_pickle = types.SimpleNamespace(
-    Unpickler=_RestrictedUnpickler, load=_restricted_load, __name__="vqgan.checkpoint.restricted_pickle"
-)
+    __name__="vqgan.checkpoint.restricted_pickle", Unpickler=_RestrictedUnpickler,
+    load=lambda file, **kwargs: _RestrictedUnpickler(file, **kwargs).load())
 
 
 def load_checkpoint_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
@@ -135,9 +122,7 @@ _NESTED_PREFIX = "first_stage_model."
 def extract_state_dict(obj: Any, path: str | os.PathLike = "<checkpoint>") -> dict[str, torch.Tensor]:
     """The VQGAN tensors of a taming `.ckpt`, a `{"state_dict": ...}` dict (ours too) or a bare state dict.
 
-    Loss weights (discriminator, perceptual net) are dropped; anything else that is not a VQGAN tensor is an
-    error, so that a wrong file is caught here rather than by odd images later.
-    """
+    Loss weights are dropped; any other stray tensor is an error, so a wrong file is caught here, not by odd images."""
     state = obj
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         state = obj["state_dict"]
@@ -171,18 +156,9 @@ def infer_config(state: dict[str, torch.Tensor], path: str | os.PathLike = "<che
         raise CheckpointError(f"{path}: not a VQGAN state dict: missing tensor {e}") from None
     if levels == 0 or num_res_blocks == 0:
         raise CheckpointError(f"{path}: not a VQGAN state dict: the encoder has no levels or res blocks")
-    return VQGANConfig(
-        ch=ch,
-        ch_mult=ch_mult,
-        num_res_blocks=num_res_blocks,
-        attn_levels=attn_levels,
-        in_channels=conv_in.shape[1],
-        out_ch=out_ch,
-        z_channels=z_channels,
-        double_z=encoder_out == 2 * z_channels,
-        embed_dim=embed_dim,
-        n_embed=n_embed,
-    )
+    return VQGANConfig(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, attn_levels=attn_levels,
+                       in_channels=conv_in.shape[1], out_ch=out_ch, z_channels=z_channels,
+                       double_z=encoder_out == 2 * z_channels, embed_dim=embed_dim, n_embed=n_embed)
 
 
 def load_vqgan(path: str | os.PathLike, device: str | torch.device = "cpu") -> VQGAN:
@@ -191,11 +167,8 @@ def load_vqgan(path: str | os.PathLike, device: str | torch.device = "cpu") -> V
     model = VQGAN(infer_config(state, path))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        problems = []
-        if missing:
-            problems.append(f"missing {_list(missing)}")
-        if unexpected:
-            problems.append(f"unexpected {_list(unexpected)}")
+        problems = [f"{what} {_list(names)}" for what, names in (("missing", missing), ("unexpected", unexpected))
+                    if names]
         raise CheckpointError(f"{path}: tensors do not match the inferred architecture: {'; '.join(problems)}")
     return model.to(device).eval().requires_grad_(False)
 

@@ -1,10 +1,5 @@
-"""The VQGAN image tokenizer: encoder, vector quantizer and decoder.
-
-Module and parameter names follow taming-transformers exactly (`encoder.down.0.block.1.conv2.weight`,
-`quantize.embedding.weight`, ...) so that its checkpoints load without renaming. The network is fully
-convolutional, so the architecture is described by levels rather than by an input resolution: level i works
-at 1/2**i of the image size, and attention is placed by level.
-"""
+"""The VQGAN image tokenizer: encoder, vector quantizer and decoder. Parameter names are taming-transformers' own
+(`encoder.down.0.block.1.conv2.weight`, ...), so that its checkpoints load without renaming."""
 
 from __future__ import annotations
 
@@ -18,6 +13,7 @@ from torch import nn
 
 @dataclass
 class VQGANConfig:
+    # Fully convolutional, so described by levels, not a resolution: level i works at 1/2**i of the image size.
     ch: int = 128  # channels at the first level; level i has ch * ch_mult[i]
     ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)  # one entry per level; 5 levels = f16, 4 = f8
     num_res_blocks: int = 2  # per encoder level; the decoder has one more
@@ -205,9 +201,8 @@ class VectorQuantizer(nn.Module):
 
 @contextlib.contextmanager
 def _exact_fp32():
-    # Codes are compared across machines, so encoding runs in full fp32: no TF32 in cuDNN's convolutions (its
-    # default) nor in the codebook matmul (a training run may have turned it on). The settings are global,
-    # hence restored; they are set through the one API that torch.compile also reads.
+    # Codes are compared across machines: no TF32 in cuDNN's convolutions (its default) nor in the codebook matmul.
+    # The settings are global, hence restored, and set through the one API that torch.compile also reads.
     matmul, conv = torch.get_float32_matmul_precision(), torch.backends.cudnn.conv.fp32_precision
     torch.set_float32_matmul_precision("highest")
     torch.backends.cudnn.conv.fp32_precision = "ieee"

@@ -6,14 +6,11 @@
         --data=dataset/ECommerce-T2I/T2I_train.img.tsv --val_data=dataset/ECommerce-T2I/T2I_val.img.tsv \\
         --batch_size=8 --learning_rate=2e-5 --disc_start=2000 --num_workers=6 --out_dir=out/vqgan_muge
 
-Settings as train.py takes them: recipe files of `name = value` lines, then `--name=value` flags. Images come
-from MUGE `*.img.tsv` files or image folders, streamed and fitted to the square as prepare.py does. The loss
-needs no pretrained network: L1 (and optionally squared error) plus multi-scale SSIM, the quantizer's codebook
-and commitment terms, and from `disc_start` on a hinge-loss patch discriminator.
-
-`<out_dir>/ckpt.pt` holds the whole training state (`--init_from=resume` continues it); `<out_dir>/vqgan.pt`
-only the weights and config, for prepare.py and generate.py. This script uses the project's data.py and
-utils.py; the rest of vqgan/ stands alone.
+Settings are recipe files of `name = value` lines, then `--name=value` flags, as for train.py. Images (MUGE
+`*.img.tsv` files or image folders) are fitted to the square as prepare.py does. The loss needs no pretrained
+network: L1 (optionally squared error too) and multi-scale SSIM, the codebook and commitment terms, and from
+`disc_start` on a hinge-loss patch discriminator. <out_dir>/ckpt.pt is the whole training state (--init_from=resume
+continues it), <out_dir>/vqgan.pt the weights and config for prepare.py and generate.py.
 """
 
 from __future__ import annotations
@@ -152,11 +149,9 @@ def list_items(sources: list[str]) -> list[tuple[str, Path | None]]:
 
 def stream_images(sources: list[str], image_size: int, resize: str, order: random.Random | None = None,
                   skip: frozenset = frozenset(), shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[str, np.ndarray]]:
-    """(label, uint8 [S, S, 3]) for every readable image: in file order, or with `order`, files shuffled.
-
-    Labels are `file:line` for TSV rows and paths for image files; those in `skip` are left out, and unreadable
-    images are reported on stderr. `shard` (index, count) keeps every count-th image, so that DataLoader workers
-    split the work (they must then share the same `order`)."""
+    """(label, uint8 [S, S, 3]) for every readable image, files in `order` if given; labels are `file:line` or paths.
+    Those in `skip` are left out, unreadable ones reported on stderr. `shard` (index, count) keeps every count-th
+    image, so that DataLoader workers split the work (they must then share the same `order`)."""
     items = list_items(sources)
     if order is not None:
         order.shuffle(items)  # a TSV's rows stay in file order: the shuffle buffer mixes them
@@ -401,8 +396,7 @@ def training_checkpoint(model: VQGAN, opt: Optimizers, step: int, usage_counts: 
     ckpt = {"state_dict": model.state_dict(), "config": asdict(model.config), "step": step, "metrics": metrics,
             "command": command,
             **{key: part.state_dict() if part is not None else None for key, part in opt.parts()},
-            "usage_counts": usage_counts, "train_config": vars(args),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+            "usage_counts": usage_counts, "train_config": vars(args), "rng": {"torch": torch.get_rng_state()}}
     if torch.cuda.is_available():
         ckpt["rng"]["cuda"] = torch.cuda.get_rng_state_all()
     return ckpt
@@ -413,8 +407,8 @@ def restore_training_state(ckpt: dict, opt: Optimizers) -> None:
     for key, part in opt.parts():
         if part is not None and ckpt.get(key) is not None:
             part.load_state_dict(ckpt[key])
+    # Only torch's generators: the image stream draws from its own random.Random, reseeded by step.
     torch.set_rng_state(ckpt["rng"]["torch"])
-    random.setstate(ckpt["rng"]["python"])
     if "cuda" in ckpt["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
 
