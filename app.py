@@ -23,7 +23,6 @@ import sys
 import threading
 import time
 import traceback
-from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 
 from data import read_text_tsv
-from model import Sampler, row_keys
+from model import row_keys
 from sample import (
     DEFAULT_CFG_SCALE,
     DEFAULT_CKPT,
@@ -133,13 +132,9 @@ class Batcher:
     takes the waiting requests, waits `wait` seconds for more, and draws those with the settings of the
     oldest, whole, in one `pipe.draw` of up to `max_batch` pictures (a request of more is drawn alone)."""
 
-    def __init__(self, pipe: Pipeline, max_batch: int = 16, wait: float = WAIT_SECONDS, max_waiting: int = 256,
-                 samplers: int = 8):
+    def __init__(self, pipe: Pipeline, max_batch: int = 16, wait: float = WAIT_SECONDS, max_waiting: int = 256):
         self.pipe, self.max_batch, self.wait = pipe, max_batch, wait
         self.queue: queue.Queue[tuple[Request, Future]] = queue.Queue(max_waiting)
-        # Samplers allocate their caches for a batch size: kept for the sizes and settings seen last.
-        self.samplers: OrderedDict[tuple, Sampler] = OrderedDict()
-        self.max_samplers = samplers
         self.draws = 0  # pipe.draw calls so far
         threading.Thread(target=self._run, name="batcher", daemon=True).start()
 
@@ -200,7 +195,9 @@ class Batcher:
             ids.append(request_ids)
             keys.append(row_keys(request.seed, range(request.pictures)))  # [pictures, 1]: the request's own
         size = sum(r.pictures for r in requests)
-        sampler = self._sampler(requests[0].settings, min(size, self.max_batch))
+        # A Sampler per draw: allocating its caches costs little beside drawing, as app.py never compiles the step.
+        cfg_scale, temperature, top_k = requests[0].settings
+        sampler = self.pipe.sampler(min(size, self.max_batch), cfg_scale, temperature, top_k)
         self.draws += 1
         pictures = np.concatenate(list(self.pipe.draw(np.concatenate(ids), torch.cat(keys), sampler)))
         for request in requests:
@@ -208,16 +205,6 @@ class Batcher:
         print(f"app: drew {size} pictures for {len(requests)} requests in {time.perf_counter() - started:.2f} s",
               file=sys.stderr, flush=True)
         return pictures
-
-    def _sampler(self, settings: tuple[float, float, int | None], batch_size: int) -> Sampler:
-        key = (*settings, batch_size)
-        if key not in self.samplers:
-            cfg_scale, temperature, top_k = settings
-            self.samplers[key] = self.pipe.sampler(batch_size, cfg_scale, temperature, top_k)
-            if len(self.samplers) > self.max_samplers:
-                self.samplers.popitem(last=False)
-        self.samplers.move_to_end(key)
-        return self.samplers[key]
 
 
 def markdown_text(text: str) -> str:

@@ -44,14 +44,12 @@ import demo
 from data import BadRowError, check_ids, image_from_base64, open_split, read_captions, read_meta, read_tsv
 from model import GPT
 from sample import (
-    DEFAULT_CANDIDATES,
-    DEFAULT_CFG_SCALE,
     DEFAULT_CKPT,
-    DEFAULT_SEED,
-    DEFAULT_TEMPERATURE,
     Pipeline,
+    add_sampling_flags,
     load_pipeline,
     load_ranker,
+    sampling_flag_problems,
     write_grid,
 )
 from scorer import Scorer, load_scorer
@@ -131,40 +129,21 @@ def features_of_batch(extractor: Extractor, pictures: np.ndarray, device: torch.
     return features.double().cpu().numpy(), logits.double().cpu().numpy()
 
 
-class InceptionExtractor(nn.Module):
-    """The FID Inception network: 2048 pool features and the 1008 class logits of the Inception Score. The
-    logits leave out the classifier's bias, as the original IS code did, so that scores compare with published ones."""
-
-    def __init__(self, network: nn.Module, class_weight: torch.Tensor):
-        super().__init__()
-        self.network = network  # its classifier replaced by nn.Identity: it returns the pool features
-        self.register_buffer("class_weight", class_weight)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = F.interpolate(x.float(), size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
-        pool = self.network(x)
-        return pool, pool @ self.class_weight.T
-
-
-def load_inception(weights: str | None, device: torch.device) -> InceptionExtractor:
-    """pytorch-fid's FID Inception with the weights in `weights`, else where pytorch-fid caches them (torch hub);
-    never downloads. Raises InceptionUnavailable saying what to install or where to put the weights."""
+def load_inception(weights: str | None, device: torch.device) -> Extractor:
+    """The FID Inception network (2048 pool features, 1008 Inception Score logits) of pytorch-fid, with the weights in
+    `weights`, else its torch hub cache; never downloads. Raises InceptionUnavailable saying what to install where."""
     path = Path(weights).expanduser() if weights else Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_FILE
     problems = []
     try:
         import pytorch_fid.inception as fid_inception
     except ImportError:
-        fid_inception = None
-        problems.append(
-            "the pytorch-fid package is not installed: `pip install pytorch-fid` (it brings torchvision; if your "
-            "torch came from download.pytorch.org, install torchvision from the same index, e.g. `pip install "
-            "torchvision --index-url https://download.pytorch.org/whl/cpu`, so that the two builds match)")
+        problems.append("the pytorch-fid package is not installed: `pip install pytorch-fid` (with a torch from "
+                        "download.pytorch.org, install the torchvision it brings from the same index, so that the "
+                        "builds match: `pip install torchvision --index-url https://download.pytorch.org/whl/cpu`)")
     except Exception as e:  # a torchvision built for another torch fails at import with RuntimeError
-        fid_inception = None
-        problems.append(
-            f"pytorch-fid is installed but cannot be imported ({type(e).__name__}: {e}); this is usually a "
-            f"torchvision built for another torch than this {torch.__version__}: reinstall torchvision from the "
-            "index your torch came from (see https://pytorch.org/get-started/locally/)")
+        problems.append(f"pytorch-fid is installed but cannot be imported ({type(e).__name__}: {e}); usually a "
+                        f"torchvision built for another torch than this {torch.__version__}: reinstall torchvision "
+                        "from the index your torch came from (see https://pytorch.org/get-started/locally/)")
     if not path.is_file():
         where = "" if weights else " (the torch hub cache, where pytorch-fid keeps them)"
         problems.append(f"the FID Inception weights are not at {path}{where}: download {FID_WEIGHTS_URL} to that "
@@ -185,9 +164,18 @@ def load_inception(weights: str | None, device: torch.device) -> InceptionExtrac
         raise InceptionUnavailable(f"{path}: not the FID Inception weights ({FID_WEIGHTS_FILE}): {e}") from None
     finally:
         fid_inception.load_state_dict_from_url = fetch
-    class_weight = network.fc.weight.detach().clone()
+    # The logits leave out the classifier's bias, as the original IS code did, so that scores compare with published
+    # ones; with the classifier replaced by nn.Identity the network returns the pool features.
+    class_weight = network.fc.weight.detach().clone().to(device)
     network.fc = nn.Identity()
-    return InceptionExtractor(network, class_weight).to(device).eval()
+    network.to(device).eval()
+
+    def extract(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pool = network(F.interpolate(x.float(), size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear",
+                                     align_corners=False))
+        return pool, pool @ class_weight.T
+
+    return extract
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -415,6 +403,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                   pipe.model.text_encoder.config.vocab_size)
     tools = Tools(split, device, args.batch_size, vq, load_extractor(args, device, skipped),
                   load_grader(args, ckpt, split, vq, device, skipped), None, args.grid_count if args.grid else 0)
+    best_of_n = pipe is not None and max(sampling["candidates"] for sampling in settings) > 1
+    ranker = load_ranker(args.scorer, pipe, ckpt) if best_of_n else None
     result: dict[str, Any] = {"val_bits_per_code": None, "recon_psnr": None, "recon_fid": None}
     ceiling = None
     if args.demo:
@@ -432,7 +422,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if pipe and not (tools.extractor or tools.grader or tools.matcher or args.grid):
         skipped["generation"] = "nothing would look at the pictures (no FID or IS, no grader, no --demo, no --grid)"
     else:
-        rows = [score_setting(pipe, split, sampling, args, tools, real, ceiling, report) for sampling in settings]
+        rows = [score_setting(pipe, ranker, split, sampling, args, tools, real, ceiling, report)
+                for sampling in settings]
     kept = [row.pop("kept") for row in rows]
     if args.grid and rows:
         write_pairs_grid(args.grid, args.grid_font, split, real.kept, kept[0])
@@ -446,15 +437,14 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def score_setting(pipe: Pipeline | None, split: ValSplit, sampling: dict[str, Any], args: argparse.Namespace,
-                  tools: Tools, real: Tally, ceiling: dict | None, report: Report) -> dict[str, Any]:
+def score_setting(pipe: Pipeline | None, ranker: Scorer | None, split: ValSplit, sampling: dict[str, Any],
+                  args: argparse.Namespace, tools: Tools, real: Tally, ceiling: dict | None, report: Report
+                  ) -> dict[str, Any]:
     """The metrics of the pictures drawn with one setting (or read from --generated)."""
     if pipe:  # one picture per val caption, as generate.py draws them
-        sampler_settings = dict(sampling)
-        candidates = sampler_settings.pop("candidates")
-        ranker = load_ranker(args.scorer, pipe, args.ckpt or DEFAULT_CKPT) if candidates > 1 else None
-        drawn = pipe.draw_captions(split.captions, args.seed, args.batch_size, candidates, ranker, **sampler_settings)
-        pictures = enumerate(drawn)
+        sampler_settings = {name: value for name, value in sampling.items() if name != "candidates"}
+        pictures = enumerate(pipe.draw_captions(split.captions, args.seed, args.batch_size, sampling["candidates"],
+                                                ranker, **sampler_settings))
     else:
         pictures = pictures_of(Path(args.generated), split, report, generated=True)
     tally, started = Tally(), time.perf_counter()
@@ -524,7 +514,9 @@ def print_summary(result: dict[str, Any]) -> None:
     def number(value: float | None, fmt: str = ".3f") -> str:
         return "n/a" if value is None else format(value, fmt)
 
-    rows = result.get("sweep") or ([result] if "settings" in result else [])
+    def table_line(cells: list[str]) -> str:
+        return "  " + "  ".join(f"{cell:>11}" for cell in cells)
+
     lines = [f"evaluate: {result['real_images']} real val pictures; {result['ckpt'] or result['generated']}"]
     if result["val_bits_per_code"] is not None:
         lines.append(f"  val NLL {result['val_bits_per_code']:.4f} bits per code over {result['val_rows']} rows")
@@ -533,16 +525,18 @@ def print_summary(result: dict[str, Any]) -> None:
                      f"{number(result.get('recon_fid'), '.2f')}; real pictures: IS "
                      f"{number(result.get('real_inception_score'), '.2f')}, R-precision "
                      f"{number(result.get('real_r_precision'))}")
-    names = [name for name in SWEEPABLE if len({str(row["settings"][name]) for row in rows}) > 1] or ["cfg_scale"]
-    names = names if result.get("ckpt") else []
-    header = [*names, "colour", "category", "both", "R-precision", "FID", "IS", "sampling s"]
-    lines += ["  " + "  ".join(f"{n:>11}" for n in header)] if rows else []
+    rows = result.get("sweep") or ([result] if "settings" in result else [])
+    # a column for each setting that differs between rows, when the checkpoint drew the pictures
+    names = [n for n in SWEEPABLE if len({str(row["settings"][n]) for row in rows}) > 1] or ["cfg_scale"]
+    names = names if result["ckpt"] else []
+    if rows:
+        lines.append(table_line([*names, "colour", "category", "both", "R-precision", "FID", "IS", "sampling s"]))
     for row in rows:
-        d = row.get("demo") or {}
-        cells = [str(row["settings"][n]) for n in names] + [number(d.get("colour")), number(d.get("category")),
-                 number(d.get("both")), number(row.get("r_precision")), number(row.get("fid"), ".2f"),
-                 number(row.get("inception_score"), ".2f"), number(row.get("sampling_seconds"), ".1f")]
-        lines.append("  " + "  ".join(f"{c:>11}" for c in cells))
+        scores = row.get("demo") or {}
+        cells = [number(scores.get(key)) for key in ("colour", "category", "both")] + [
+            number(row.get("r_precision")), number(row.get("fid"), ".2f"), number(row.get("inception_score"), ".2f"),
+            number(row.get("sampling_seconds"), ".1f")]
+        lines.append(table_line([str(row["settings"][n]) for n in names] + cells))
     reasons: dict[str, list[str]] = {}
     for metric, reason in result["skipped"].items():
         reasons.setdefault(reason, []).append(metric)
@@ -579,26 +573,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "than the one that ranks candidates (default: <the checkpoint's folder>/grader/best.pt)")
     metrics.add_argument("--demo", action="store_true", help="the demo data: also score how often the drawn colour "
                          "and category are the caption's")
-    sampling = parser.add_argument_group("sampling (as generate.py)")
-    sampling.add_argument("--cfg_scale", type=float, default=DEFAULT_CFG_SCALE,
-                          help="classifier-free guidance (default: %(default)s)")
-    sampling.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
-                          help="best-of-N candidates per caption (default: %(default)s)")
-    sampling.add_argument("--scorer", default=None, help="what ranks the candidates, as generate.py's --scorer")
-    sampling.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
-                          help="softmax temperature (default: %(default)s)")
-    sampling.add_argument("--top_k", type=int, default=None, help="sample among the k most likely codes")
-    sampling.add_argument("--top_p", type=float, default=None, help="nucleus sampling threshold")
-    sampling.add_argument("--seed", type=int, default=DEFAULT_SEED, help="as generate.py's (default: %(default)s)")
+    sampling = add_sampling_flags(parser)
     sampling.add_argument("--sweep", nargs="+", default=None, metavar="NAME=V1,V2",
                           help=f"score every combination of these settings ({', '.join(SWEEPABLE)}), one row each; "
                           "e.g. cfg_scale=1,3,5 candidates=1,4 top_k=0,100 (top_k 0: off)")
     sampling.add_argument("--batch_size", type=int, default=32,
                           help="pictures per batch for sampling, the VQGAN, the NLL and Inception (default: "
                           "%(default)s)")
-    sampling.add_argument("--device", default=None, help="cuda, cuda:1, cpu, mps (default: the best there is)")
-    sampling.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                          help="precision of the GPT (default: bfloat16 on GPUs that have it, float32 on the CPU)")
     output = parser.add_argument_group("output")
     output.add_argument("--grid", default=None, help="also save real and generated pictures side by side, e.g. "
                         "pairs.png (the first setting's)")
@@ -612,10 +593,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def run() -> None:
-        if args.batch_size < 1 or args.candidates < 1 or args.grid_count < 1:
-            raise UserError("--batch_size, --candidates and --grid_count must be at least 1")
+        problems = sampling_flag_problems(args)
+        if args.batch_size < 1 or args.grid_count < 1:
+            problems.append("--batch_size and --grid_count must be at least 1")
         if args.generated and not Path(args.generated).is_file():
-            raise UserError(f"{args.generated}: no such file (--generated)")
+            problems.append(f"{args.generated}: no such file (--generated)")
+        if problems:
+            raise UserError("; ".join(problems))
         with results_stdout() as out:
             result = evaluate(args)
             out.write((json.dumps(result, ensure_ascii=False) + "\n").encode("utf-8"))

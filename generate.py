@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import math
 import os
 import re
 import sys
@@ -29,15 +28,13 @@ import numpy as np
 from data import LINE_ERRORS, read_text_tsv
 from model import row_keys
 from sample import (
-    DEFAULT_CANDIDATES,
-    DEFAULT_CFG_SCALE,
     DEFAULT_CKPT,
-    DEFAULT_SEED,
-    DEFAULT_TEMPERATURE,
     OUTPUT_SIZE,
+    add_sampling_flags,
     encode_picture,
     load_pipeline,
     load_ranker,
+    sampling_flag_problems,
     write_grid,
 )
 from text import has_text
@@ -63,11 +60,8 @@ class Prompt:
 
 
 def read_prompts(path: str, report: Report) -> list[Prompt]:
-    """The `img_id \\t caption` rows of a prompts TSV, in file order.
-
-    Nothing that names an image is dropped: an empty or undecodable caption is drawn unconditionally and a
-    repeated img_id gets a line each time. A line with no usable img_id cannot be answered and is skipped.
-    """
+    """The `img_id \\t caption` rows of a prompts TSV, in file order: an empty or undecodable caption is drawn
+    unconditionally and a repeated img_id gets a line each time; only lines with no usable img_id are skipped."""
     prompts: list[Prompt] = []
     first_line: dict[str, int] = {}
     for row in read_text_tsv(path):
@@ -91,11 +85,8 @@ def read_prompts(path: str, report: Report) -> list[Prompt]:
 
 def result_line(img_id: str, picture: np.ndarray, size: int | None, image_format: str, quality: int,
                 save_to: str | None) -> tuple[bytes, float]:
-    """Runs in a worker: the submission line of one picture (and its file under --out_dir), and the seconds.
-
-    base64 in the standard alphabet with padding: b64decode reads it, and urlsafe_b64decode reads it the same
-    because it keeps '+' and '/'; URL-safe output ('-', '_') would be silently mangled by b64decode.
-    """
+    """Runs in a worker: one picture's submission line (and its file under --out_dir), and the seconds. Standard
+    base64 with padding: b64decode and urlsafe_b64decode both read it, where b64decode would mangle URL-safe '-' '_'."""
     started = time.perf_counter()
     data = encode_picture(picture, size, image_format, quality)
     if save_to:
@@ -204,37 +195,22 @@ def resolve_prompts(args: argparse.Namespace, meta: dict, report: Report) -> lis
         raise UserError("the checkpoint's data has no test prompts (prepare.py found no T2I_test.text.tsv): "
                         "pass --prompts FILE.tsv or --prompt TEXT")
     if not Path(path).is_file():
-        hint = "" if args.prompts else ", recorded by prepare.py, no longer exists: pass --prompts FILE.tsv"
+        hint = " (--prompts)" if args.prompts else ", recorded by prepare.py, no longer exists: pass --prompts FILE.tsv"
         raise UserError(f"{path}: no such prompts file{hint}")
     return read_prompts(path, report)
 
 
 def check_args(args: argparse.Namespace) -> None:
-    problems = []
-    if args.prompt is not None and args.prompts:
-        problems.append("--prompt and --prompts exclude each other")
-    if args.batch_size < 1 or args.candidates < 1:
-        problems.append("--batch_size and --candidates must be at least 1")
-    if not math.isfinite(args.cfg_scale) or args.cfg_scale < 0:
-        problems.append("--cfg_scale must be a number, 0 or more")
-    if not math.isfinite(args.temperature) or args.temperature < 0:
-        problems.append("--temperature must be 0 (greedy) or more")
-    if args.top_k is not None and args.top_k < 0:
-        problems.append("--top_k must be 0 (off) or more")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        problems.append("--top_p must lie in (0, 1]")
-    if not 1 <= args.quality <= 100:
-        problems.append("--quality must lie in 1..100")
-    if args.num_workers < 0:
-        problems.append("--num_workers must be 0 (encode in this process) or more")
-    if args.image_size < 0 or args.grid_count < 1:
-        problems.append("--image_size must be 0 (the VQGAN's size) or more, --grid_count at least 1")
-    if args.grid_font and not Path(args.grid_font).is_file():
-        problems.append(f"{args.grid_font}: no such font file (--grid_font)")
-    if not Path(args.ckpt).is_file():
-        problems.append(f"no checkpoint at {args.ckpt}: run train.py first (it writes {DEFAULT_CKPT}), or pass --ckpt")
-    if args.prompts and not Path(args.prompts).is_file():
-        problems.append(f"{args.prompts}: no such prompts file (--prompts)")
+    # A missing --ckpt or --prompts file is reported by load_pipeline and resolve_prompts.
+    checks = [(args.prompt is not None and args.prompts, "--prompt and --prompts exclude each other"),
+              (args.batch_size < 1, "--batch_size must be at least 1"),
+              (not 1 <= args.quality <= 100, "--quality must lie in 1..100"),
+              (args.num_workers < 0, "--num_workers must be 0 (encode in this process) or more"),
+              (args.image_size < 0, "--image_size must be 0 (the VQGAN's size) or more"),
+              (args.grid_count < 1, "--grid_count must be at least 1"),
+              (args.grid_font and not Path(args.grid_font).is_file(),
+               f"{args.grid_font}: no such font file (--grid_font)")]
+    problems = sampling_flag_problems(args) + [message for failed, message in checks if failed]
     if problems:
         raise UserError("; ".join(problems))
 
@@ -252,32 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="VQGAN to decode with (default: the one prepare.py encoded the data with)")
     what.add_argument("--data_dir", default=None,
                       help="prepare.py output dir holding the tokenizer's vocab.txt (default: the checkpoint's)")
-    sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--cfg_scale", type=float, default=DEFAULT_CFG_SCALE,
-                          help="classifier-free guidance: 1 conditional only (fastest), 0 unconditional, above 1 "
-                          "follows the caption more closely at twice the sampling cost (default: %(default)s)")
-    sampling.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
-                          help="softmax temperature; 0 always takes the most likely code (default: %(default)s)")
-    sampling.add_argument("--top_k", type=int, default=None, help="sample among the k most likely codes (default: all)")
-    sampling.add_argument("--top_p", type=float, default=None,
-                          help="sample within the smallest set of codes holding this probability (default: off)")
-    sampling.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
-                          help="best-of-N: draw N pictures per caption (in the same batch) and keep the one the "
-                          "scorer ranks highest (default: %(default)s)")
-    sampling.add_argument("--scorer", default=None,
-                          help="the text-image scorer that ranks the candidates (train.py --model=scorer), or `gpt` "
-                          "for the GPT's own guided score (default: <the checkpoint's folder>/scorer/best.pt when "
-                          "there is one, else gpt)")
-    sampling.add_argument("--seed", type=int, default=DEFAULT_SEED,
-                          help="each picture draws from the random numbers of (seed, its line's place in the "
-                          "prompts): the same seed and flags give byte-identical output on the same machine "
-                          "(default: %(default)s)")
+    sampling = add_sampling_flags(parser)
     sampling.add_argument("--batch_size", type=int, default=32,
                           help="captions sampled together; raise it on a GPU, e.g. 256 (default: %(default)s)")
-    sampling.add_argument("--device", default=None, help="cuda, cuda:1, cpu, mps (default: the best there is)")
-    sampling.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                          help="precision of the GPT and the VQGAN decoder (default: bfloat16 on GPUs that have "
-                          "it, float32 on the CPU)")
     sampling.add_argument("--compile", default=None, choices=["true", "false"],
                           help="compile the decode step (on CUDA replayed as a CUDA graph); the first batch waits "
                           "for the compilation (default: true on CUDA, false elsewhere)")

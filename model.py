@@ -1,10 +1,6 @@
-"""The text-conditioned GPT over VQGAN codes, and its sampler.
-
-An image is the row-major sequence of its VQGAN codes. The GPT predicts code t from a start token and codes
-0..t-1; every block attends causally to the codes so far, then to the caption's encoded tokens (a
-`transformers` encoder, projected to the GPT's width, with the padding masked out), then runs an MLP.
-Captions are replaced by a learned null context with probability `cond_drop` during training, so one model
-gives both the conditional and the unconditional predictions that classifier-free guidance mixes.
+"""The text-conditioned GPT over VQGAN codes (an image is the row-major sequence of its codes), and its sampler.
+Each block attends causally to the codes so far, then to the caption's encoded tokens, then runs an MLP. Training
+swaps in a learned null caption with probability `cond_drop`, so one model also predicts unconditionally (guidance).
 """
 
 from __future__ import annotations
@@ -88,12 +84,8 @@ class GPTConfig:
 
 
 def build_text_encoder(config: GPTConfig) -> nn.Module:
-    """The caption encoder, and `config.text_config` filled in with its transformers config.
-
-    A checkpoint's config already holds text_config, so the encoder is built from it offline and its weights
-    come from the state dict. Otherwise a named encoder is loaded pretrained, and an unnamed one is a small
-    BertModel over the char vocab.
-    """
+    """The caption encoder, filling in `config.text_config`: a checkpoint's text_config rebuilds it offline (the
+    weights come from the state dict), else a named encoder loads pretrained, an unnamed one is a small BERT."""
     from transformers import AutoConfig, AutoModel, BertConfig
 
     if config.text_config is not None:
@@ -104,18 +96,11 @@ def build_text_encoder(config: GPTConfig) -> nn.Module:
     else:
         if config.text_vocab_size < 1:
             raise ValueError("text_vocab_size must be set for a from-scratch text encoder (meta.json has it)")
-        bert = BertConfig(
-            vocab_size=config.text_vocab_size,
-            hidden_size=config.text_n_embd,
-            num_hidden_layers=config.text_n_layer,
-            num_attention_heads=config.text_n_head,
-            intermediate_size=4 * config.text_n_embd,
-            max_position_embeddings=config.text_len,
-            hidden_dropout_prob=config.dropout,
-            attention_probs_dropout_prob=config.dropout,
-            pad_token_id=PAD_ID,
-        )
-        encoder = AutoModel.from_config(bert)
+        encoder = AutoModel.from_config(BertConfig(
+            vocab_size=config.text_vocab_size, hidden_size=config.text_n_embd, num_hidden_layers=config.text_n_layer,
+            num_attention_heads=config.text_n_head, intermediate_size=4 * config.text_n_embd,
+            max_position_embeddings=config.text_len, hidden_dropout_prob=config.dropout,
+            attention_probs_dropout_prob=config.dropout, pad_token_id=PAD_ID))
     # The pooled sentence vector is never used; an unused parameter would also upset DDP.
     if getattr(encoder, "pooler", None) is not None:
         encoder.pooler = None
@@ -178,6 +163,11 @@ def compute_dtype(reference: torch.Tensor) -> torch.dtype:
 # the GPT
 
 
+# What a block's self-attention needs to decode one token with the static cache: a KVCache's keys and values,
+# the position being decoded [1] and the slots written so far, this one included [1, block_size] bool.
+DecodeCache = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -196,9 +186,10 @@ class SelfAttention(nn.Module):
         else:
             # One new token: its keys and values go into the static cache at `pos`, and it attends to every
             # slot written so far; the slots after it hold stale values and are masked out.
-            cache.k.index_copy_(2, cache.pos, k)
-            cache.v.index_copy_(2, cache.pos, v)
-            y = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=cache.visible)
+            cache_k, cache_v, pos, visible = cache
+            cache_k.index_copy_(2, pos, k)
+            cache_v.index_copy_(2, pos, v)
+            y = F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=visible)
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -329,10 +320,8 @@ class GPT(CaptionModel):
 
     def encode_text(self, text_ids: torch.Tensor, drop_caption: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Projected text states [B, L, n_embd] and the mask of tokens to attend to [B, L].
-
-        Rows with no tokens, and rows where `drop_caption` is set, get the learned null context instead.
-        """
+        """Projected text states [B, L, n_embd] and the mask of tokens to attend to [B, L]; rows with no tokens,
+        or with `drop_caption` set, get the learned null context instead."""
         context, mask = self.text_states(text_ids)
         use_null = ~mask.any(1)
         if drop_caption is not None:
@@ -392,11 +381,8 @@ def init_weights(model: nn.Module, n_layer: int) -> None:
 
 def adamw(model: nn.Module, weight_decay: float, learning_rate: float, betas: tuple[float, float],
           device_type: str) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; only the weights of linear layers decay.
-
-    Norm gains, biases, embeddings and the null context are left undecayed: pulling them to zero fights what
-    they represent rather than regularising.
-    """
+    """AdamW over the trainable parameters; only linear layers' weights decay: pulling norm gains, biases,
+    embeddings and the null context to zero fights what they represent rather than regularising."""
     decay, no_decay = [], []
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
@@ -411,11 +397,8 @@ def adamw(model: nn.Module, weight_decay: float, learning_rate: float, betas: tu
 
 
 class KVCache(nn.Module):
-    """One block's self-attention keys and values [rows, n_head, block_size, head_dim], every position.
-
-    A buffer of its own per block: compiled, writing into it happens in place, where writing into a slice of
-    one buffer for all blocks would copy that slice whole at every step.
-    """
+    """One block's self-attention keys and values [rows, n_head, block_size, head_dim]. A buffer per block:
+    compiled, writing into it is in place, where a slice of one buffer for all blocks is copied whole each step."""
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
         super().__init__()
@@ -423,30 +406,10 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
 
-@dataclass
-class DecodeCache:
-    """What a block's self-attention needs to decode one token with the static cache."""
-
-    k: torch.Tensor  # a KVCache's buffers
-    v: torch.Tensor
-    pos: torch.Tensor  # [1]: the position being decoded
-    visible: torch.Tensor  # [1, block_size] bool: the slots written so far, this one included
-
-
 class Sampler(nn.Module):
-    """Draws code grids for batches of up to `batch_size` captions.
-
-    Everything the decode step reads or writes is allocated here once, for `batch_size` rows and the whole
-    grid: the self-attention caches (per row, for the conditional and the unconditional stream), the
-    captions' cross-attention keys and values, and the null caption's, held once for all unconditional rows.
-    The step is then a function of tensors alone, position included, so that compiled (`compile=True`) one
-    graph serves every position of every batch; on CUDA it replays as a CUDA graph. A short batch is padded.
-
-    `cfg_scale`: logits = uncond + cfg_scale * (cond - uncond); 1 is plain conditional sampling (no
-    unconditional stream), 0 unconditional. `temperature` 0 takes the most likely code; `top_k` / `top_p`
-    keep the k most likely codes / the smallest set holding probability top_p. The model samples in the
-    dtype of its weights and is put in eval mode.
-    """
+    """Draws code grids for batches of up to `batch_size` captions in the model's dtype. Every buffer the decode step
+    touches is allocated once here, so that compiled, one graph (a CUDA graph on CUDA) serves every position of every
+    batch. Guidance: uncond + cfg_scale * (cond - uncond): 1 runs no unconditional stream, 0 ignores the caption."""
 
     def __init__(self, model: GPT, batch_size: int, cfg_scale: float = 3.0, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, compile: bool = False):
@@ -469,7 +432,6 @@ class Sampler(nn.Module):
         buffer("text_v", cfg.n_layer, batch_size, cfg.n_head, cfg.text_len, head_dim)
         buffer("text_bias", batch_size, 1, 1, cfg.text_len)
         buffer("keys", batch_size, dtype=torch.long)
-        buffer("pmi", batch_size, dtype=torch.float32)
         buffer("tokens", batch_size, dtype=torch.long)
         buffer("pos", 1, dtype=torch.long)
         with torch.no_grad():
@@ -492,24 +454,18 @@ class Sampler(nn.Module):
             x = torch.cat([x, x])
         visible = (torch.arange(model.config.block_size, device=pos.device) <= pos)[None]
         for i, block in enumerate(model.blocks):
-            cache = DecodeCache(self.caches[i].k, self.caches[i].v, pos, visible)
+            cache = (self.caches[i].k, self.caches[i].v, pos, visible)
             null_kv = (self.null_k[i], self.null_v[i]) if self.guided else None
             x = block(x, (self.text_k[i], self.text_v[i]), self.text_bias, cache, null_kv)
         logits = model.head(model.ln_f(x))[:, -1].float()
         return tuple(logits.chunk(2)) if self.guided else (logits, None)
 
     def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """The next code of every row, drawn on the device with the rows' random keys (no host sync). Guided,
-        it also adds log p(code | caption) - log p(code | no caption) to `self.pmi`: how much more likely the
-        caption makes the picture, the GPT's own score for best-of-N."""
+        """The next code of every row, drawn on the device with the rows' random keys (no host sync)."""
         cond, uncond = self.logits(tokens, pos)
         logits = cond if uncond is None else uncond + self.cfg_scale * (cond - uncond)
         noise = exponential_noise(self.keys, pos * self.model.config.codebook_size, self.model.config.codebook_size)
-        codes = draw(logits, noise, self.temperature, self.top_k, self.top_p)
-        if uncond is not None:
-            picked = codes[:, None]
-            self.pmi += (cond.log_softmax(-1).gather(1, picked) - uncond.log_softmax(-1).gather(1, picked))[:, 0]
-        return codes
+        return draw(logits, noise, self.temperature, self.top_k, self.top_p)
 
     @torch.no_grad()
     def prefill(self, text_ids: torch.Tensor) -> None:
@@ -539,7 +495,6 @@ class Sampler(nn.Module):
         codes = torch.empty(self.batch_size, cfg.block_size, dtype=torch.long, device=self.pos.device)
         self.tokens.fill_(self.model.start_token)
         self.pos.zero_()
-        self.pmi.zero_()
         for t in range(cfg.block_size):
             # The compiled step's output is overwritten by its next replay: copied out before that.
             self.tokens.copy_(self.step(self.tokens, self.pos))
@@ -583,11 +538,8 @@ def draw(logits: torch.Tensor, noise: torch.Tensor, temperature: float = 1.0, to
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """Logits [B, V] with codes outside the top k and outside the top-p nucleus set to -inf.
-
-    Ties with the k-th logit are kept. The nucleus is the smallest prefix of codes, most likely first, whose
-    probability reaches top_p; the most likely code always survives.
-    """
+    """Logits [B, V] with codes outside the top k (ties with the k-th kept) and outside the top-p nucleus (the
+    fewest most likely codes whose probability reaches top_p; the most likely always survives) set to -inf."""
     if top_k is not None and top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -601,13 +553,10 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
-# Dense bf16 tensor-core FLOP/s with fp32 accumulation (what PyTorch's bf16 matmuls use), by device name;
-# the most specific names come first. Sources: NVIDIA's H100 and H200 datasheets (1979 / 1513 TFLOPS
-# "with sparsity" for SXM / PCIe, halved for dense), the A100 datasheet (312), the L4 and L40S datasheets
-# (242 / 733 sparse), the Ampere GA102 and Ada whitepapers' GeForce tables (RTX 3090 71, RTX 4090 165.2).
-# GeForce cards run bf16 with fp32 accumulation at half their fp16-accumulate rate; the 4070 Ti SUPER has
-# no whitepaper row, so it is scaled from the 4090 per SM and clock: 165.2 * (66 SM * 2.61 GHz) /
-# (128 SM * 2.52 GHz) = 88.2 TFLOPS. Its often-quoted ~176 TFLOPS is the fp16-accumulate rate.
+# Dense bf16 FLOP/s with fp32 accumulation (PyTorch's bf16 matmuls), most specific names first. From NVIDIA's
+# datasheets (H100 / H200 SXM 1979, PCIe 1513, L4 242, L40S 733 TFLOPS "with sparsity", halved; A100 312) and the
+# GA102 / Ada whitepapers (RTX 3090 71, RTX 4090 165.2: half their fp16-accumulate rate). The 4070 Ti SUPER,
+# absent there, is the 4090 scaled per SM and clock: 165.2 * (66 * 2.61) / (128 * 2.52) = 88.2 (not the ~176 quoted).
 PEAK_BF16_FLOPS = (
     ("H100 PCIe", 756e12),
     ("H100", 989e12),
@@ -630,11 +579,8 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def load_model(ckpt_path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
-    """The GPT of a train.py checkpoint, in eval mode on `device`, and the checkpoint dict itself.
-
-    Needs neither the network nor the Hugging Face cache; never runs code from the file. Raises
-    vqgan.CheckpointError naming the file when it is not a readable nanoT2I checkpoint.
-    """
+    """The GPT of a train.py checkpoint, in eval mode on `device`, and the checkpoint dict. Offline, never runs
+    code from the file; raises vqgan.CheckpointError naming the file when it is not a nanoT2I checkpoint."""
     return load_trained(ckpt_path, GPT, device)
 
 

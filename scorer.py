@@ -1,9 +1,6 @@
-"""A contrastive text-image scorer over VQGAN code grids: how well a picture's codes match a caption.
-
-Two towers map a code grid and a caption into one space, trained as CLIP is (each picture against every
-caption of its batch, InfoNCE both ways) so that a picture lies nearest its own caption. It reads codes, so
-ranking the candidates of best-of-N sampling needs no decoding; evaluate.py's R-precision uses it too.
-`python train.py --model=scorer` trains it, with the model settings of GPTConfig where they apply.
+"""A contrastive text-image scorer: two towers map a VQGAN code grid and a caption into one space, trained as CLIP
+is (InfoNCE both ways over the batch). It reads codes, so ranking best-of-N candidates needs no decoding; evaluate.py's
+R-precision uses it too. `python train.py --model=scorer` trains it, with GPTConfig's model settings where they apply.
 """
 
 from __future__ import annotations

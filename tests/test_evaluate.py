@@ -619,6 +619,9 @@ def test_clear_errors(tmp_path, demo_run, run_evaluate):
     assert code == 1 and "holds a scorer, not a gpt" in error_line(stderr)
     code, _, stderr = run_evaluate("--ckpt", str(demo_run / "out" / "best.pt"), "--candidates", "0")
     assert code == 1 and "must be at least 1" in error_line(stderr)
+    code, _, stderr = run_evaluate("--ckpt", str(demo_run / "out" / "best.pt"), "--sweep", "candidates=1,2",
+                                   "--scorer", str(tmp_path / "none.pt"))
+    assert code == 1 and "needs a scorer" in error_line(stderr) and "none.pt" in error_line(stderr)
 
 
 def test_generated_pictures_must_answer_every_val_row_scored(demo_run, no_pytorch_fid, run_evaluate, tmp_path):
