@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -133,16 +132,8 @@ def estimate_loss(model: torch.nn.Module, splits: dict[str, tuple[np.ndarray, np
 
 
 def rng_state(data_generator: torch.Generator, device: torch.device) -> dict[str, Any]:
-    """Every random state a resumed run needs to continue as if never stopped, as plain tensors and lists."""
-    _, keys, position, has_gauss, gauss = np.random.get_state()
-    version, internal, python_gauss = random.getstate()
-    state = {
-        "torch": torch.get_rng_state(),
-        "data": data_generator.get_state(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": position, "has_gauss": has_gauss,
-                  "gauss": gauss},
-        "python": {"version": version, "internal": list(internal), "gauss": python_gauss},
-    }
+    """The random states a resumed run needs to continue as if never stopped (training draws from no others)."""
+    state = {"torch": torch.get_rng_state(), "data": data_generator.get_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -151,11 +142,6 @@ def rng_state(data_generator: torch.Generator, device: torch.device) -> dict[str
 def set_rng_state(state: dict[str, Any], data_generator: torch.Generator, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     data_generator.set_state(state["data"])
-    numpy = state["numpy"]
-    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
-                         numpy["gauss"]))
-    python = state["python"]
-    random.setstate((python["version"], tuple(python["internal"]), python["gauss"]))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
 
@@ -270,8 +256,7 @@ def _train(tc: TrainConfig, mc: GPTConfig, given: set[str], device: torch.device
 
     optimizer = adamw(raw_model, tc.weight_decay, tc.learning_rate, (tc.beta1, tc.beta2), device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    for seed in (torch.manual_seed, np.random.seed, random.seed):
-        seed(tc.seed + rank)
+    torch.manual_seed(tc.seed + rank)
     state = {"iter_num": 0, "best_val_loss": float("inf"), "best_iter": 0}
     data_generator = torch.Generator().manual_seed(tc.seed + rank)
     if ckpt is not None:
