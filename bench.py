@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import copy
 import dataclasses
 import io
@@ -34,6 +35,7 @@ import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,11 +59,8 @@ def describe_machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
     cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:  # Linux names the model
+        cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
@@ -223,7 +222,7 @@ def bench_train(args: argparse.Namespace, flags: list[str]) -> None:
         argv = [*([args.config] if args.config else []), *flags, f"--data_dir={data_dir}",
                 f"--out_dir={tmp}/out", f"--max_iters={args.steps}", f"--eval_interval={args.steps + 1}",
                 "--eval_iters=1", "--log_interval=1", "--warmup_iters=0"]
-        tc, mc, _ = train.parse_args(argv)
+        tc, _, _ = train.parse_args(argv)
         device = pick_device(tc.device or None)
         if args.gpu_memory_gib and device.type == "cuda":
             # Stand in for a smaller card: the allocator refuses to go past this much of this one.
@@ -572,79 +571,62 @@ def build_parser() -> argparse.ArgumentParser:
         parts[name] = subparsers.add_parser(name, help=help_text, description=help_text)
         parts[name].set_defaults(run=run)
         if name != "train":  # train.py takes its own --device
-            parts[name].add_argument("--device", default=None, help="cuda, cpu, ... (default: the best there is)")
-    for name in ("vqgan", "vqgan-train", "steps"):
-        parts[name].add_argument("--repeat", type=int, default=3, help="timed calls; the median is reported")
-    for name in ("prepare", "generate"):
-        parts[name].add_argument("--vqgan", choices=["tiny", "f16_1024", "small"], default="tiny", help=VQGAN_CHOICES)
+            parts[name].add_argument("--device", help="cuda, cpu, ... (default: the best there is)")
 
-    p = parts["gpu"]
-    p.add_argument("--budget", type=float, default=480, help="seconds for all parts together (default: 480)")
-    p.add_argument("--out", default="bench_gpu.json", help="where the results go (default: bench_gpu.json)")
+    def add(names: str, *flag: str, **options: Any) -> None:
+        for name in names.split():  # space-separated subcommands
+            parts[name].add_argument(*flag, **options)
 
-    p = parts["app"]
-    p.add_argument("--ckpt", default="out/best.pt", help="train.py checkpoint (default: out/best.pt, make demo's)")
-    p.add_argument("--max_batch", type=int, default=16, help="app.py --max_batch (default: 16)")
-    p.add_argument("--pictures", type=int, default=4, help="pictures per request (default: 4)")
-
-    for name, per in (("vqgan", "call"), ("vqgan-train", "step")):
-        parts[name].add_argument("--batch_size", type=int, default=8, help=f"images per {per}")
-        parts[name].add_argument("--image_size", type=int, default=256, help="square image side in pixels")
-    p = parts["vqgan"]
-    p.add_argument("--n_embed", type=int, default=1024, help="codebook size (1024 or 16384 for the taming models)")
-    p.add_argument("--decode_dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU)")
-    p.add_argument("--compile", action="store_true", help="also time a compiled decoder")
-
-    p = parts["vqgan-train"]
-    p.add_argument("--ckpt", default=None, help="the architecture and weights of this VQGAN, e.g. "
-                   "assets/vqgan_demo.pt (default: the full-size f16 architecture, random weights)")
-    p.add_argument("--disc", action="store_true", help="include the patch discriminator and its adaptive weight")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
-
-    p = parts["train"]
-    p.add_argument("config", nargs="?", help="a train.py recipe, e.g. config/tiny_cpu.py (none: the demo defaults)")
-    p.add_argument("--steps", type=int, default=20, help="optimizer steps; the first interval is left out")
-    p.add_argument("--rows", type=int, default=512, help="synthetic training rows")
-    p.add_argument("--codebook_size", type=int, default=1024, help="codebook of the synthetic codes")
-    p.add_argument("--grid", type=int, default=16, help="code grid side")
-    p.add_argument("--text_len", type=int, default=64, help="caption tokens")
-    p.add_argument("--text_vocab_size", type=int, default=5000, help="size of the synthetic char vocab")
-    p.add_argument("--gpu_memory_gib", type=float, default=0, help="on CUDA, cap this process's memory, e.g. 16 to "
-                   "stand in for a 16 GB card")
-    p.add_argument("--estimate_memory", action="store_true", help="also predict what a GPU needs at batch 1, 8, 16, "
-                   "32 from CPU measurements")
-
-    p = parts["prepare"]
-    p.add_argument("--rows", default="256", help="image rows; several comma-separated sizes run one after another")
-    p.add_argument("--image_size", type=int, default=256, help="prepare.py --image_size")
-    p.add_argument("--source_size", type=int, default=256, help="side of the generated JPEGs")
-    p.add_argument("--batch_size", type=int, default=32, help="prepare.py --batch_size")
-    p.add_argument("--num_workers", type=int, default=None, help="prepare.py --num_workers (default: its own)")
-    add_sampling_flags(parts["generate"], parts["steps"])
+    add("vqgan vqgan-train steps", "--repeat", type=int, default=3, help="timed calls; the median is reported")
+    add("prepare generate", "--vqgan", choices=["tiny", "f16_1024", "small"], default="tiny", help=VQGAN_CHOICES)
+    add("gpu", "--budget", type=float, default=480, help="seconds for all parts together (default: 480)")
+    add("gpu", "--out", default="bench_gpu.json", help="where the results go (default: bench_gpu.json)")
+    add("app", "--ckpt", default="out/best.pt", help="train.py checkpoint (default: out/best.pt, make demo's)")
+    add("app", "--max_batch", type=int, default=16, help="app.py --max_batch (default: 16)")
+    add("app", "--pictures", type=int, default=4, help="pictures per request (default: 4)")
+    add("vqgan", "--batch_size", type=int, default=8, help="images per call")
+    add("vqgan-train", "--batch_size", type=int, default=8, help="images per step")
+    add("vqgan vqgan-train", "--image_size", type=int, default=256, help="square image side in pixels")
+    add("vqgan", "--n_embed", type=int, default=1024, help="codebook size (1024 or 16384 for the taming models)")
+    add("vqgan", "--decode_dtype", help="float32, bfloat16 or float16 (default: bf16 on GPU)")
+    add("vqgan", "--compile", action="store_true", help="also time a compiled decoder")
+    add("vqgan-train", "--ckpt", help="the architecture and weights of this VQGAN, e.g. assets/vqgan_demo.pt "
+        "(default: the full-size f16 architecture, random weights)")
+    add("vqgan-train", "--disc", action="store_true", help="include the patch discriminator and its adaptive weight")
+    add("vqgan-train", "--dtype", help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
+    add("train", "config", nargs="?", help="a train.py recipe, e.g. config/tiny_cpu.py (none: the demo defaults)")
+    add("train", "--steps", type=int, default=20, help="optimizer steps; the first interval is left out")
+    add("train", "--rows", type=int, default=512, help="synthetic training rows")
+    add("train", "--codebook_size", type=int, default=1024, help="codebook of the synthetic codes")
+    add("train", "--grid", type=int, default=16, help="code grid side")
+    add("train", "--text_len", type=int, default=64, help="caption tokens")
+    add("train", "--text_vocab_size", type=int, default=5000, help="size of the synthetic char vocab")
+    add("train", "--gpu_memory_gib", type=float, default=0, help="on CUDA, cap this process's memory, e.g. 16 to "
+        "stand in for a 16 GB card")
+    add("train", "--estimate_memory", action="store_true", help="also predict what a GPU needs at batch 1, 8, 16, 32 "
+        "from CPU measurements")
+    add("prepare", "--rows", default="256", help="image rows; several comma-separated sizes run one after another")
+    add("prepare", "--image_size", type=int, default=256, help="prepare.py --image_size")
+    add("prepare", "--source_size", type=int, default=256, help="side of the generated JPEGs")
+    add("prepare", "--batch_size", type=int, default=32, help="prepare.py --batch_size")
+    add("prepare", "--num_workers", type=int, help="prepare.py --num_workers (default: its own)")
+    # generate and steps share the GPT's shape and the sampling flags
+    add("generate steps", "config", nargs="?", help="a train.py recipe for the GPT's shape, e.g. config/muge_16gb.py")
+    add("generate", "--batch_size", default="32", help="comma-separated batch sizes, each timed in turn")
+    add("steps", "--batch_size", default="1,64,256", help="comma-separated batch sizes, each timed in turn")
+    add("generate steps", "--cfg_scale", type=float, default=3.0, help="guidance scale (1: no unconditional stream)")
+    add("generate steps", "--text_len", type=int, default=64, help="caption tokens")
+    add("generate", "--captions", help=f"img_id<TAB>caption TSV (default: {MUGE_CAPTIONS})")
+    add("generate", "--limit", type=int, default=64, help="captions to draw, the first ones (0: all)")
+    add("generate", "--image_size", type=int, default=256, help="decoded side; the code grid is this / the VQGAN's "
+        "factor (32 for --vqgan small)")
+    add("generate", "--compile", choices=["true", "false"], help="generate.py --compile")
+    add("steps", "--codebook_size", type=int, default=16384, help="codebook of the GPT")
+    add("steps", "--grid", type=int, default=16, help="code grid side")
+    add("steps", "--dtype", help="float32 or bfloat16 (default: bf16 on GPU, fp32 on CPU)")
+    add("steps", "--compile", action="store_true", help="also time the compiled step")
+    add("steps", "--no_cache", action="store_true", help="also time the uncached step and give the ratio")
     return parser
-
-
-def add_sampling_flags(generate_part: argparse.ArgumentParser, steps_part: argparse.ArgumentParser) -> None:
-    """The generate and steps subcommands share the GPT's shape and the sampling flags."""
-    for p, batch_sizes in ((generate_part, "32"), (steps_part, "1,64,256")):
-        p.add_argument("config", nargs="?", help="a train.py recipe for the GPT's shape, e.g. config/muge_16gb.py")
-        p.add_argument("--batch_size", default=batch_sizes, help="comma-separated batch sizes, each timed in turn")
-        p.add_argument("--cfg_scale", type=float, default=3.0, help="guidance scale (1: no unconditional stream)")
-        p.add_argument("--text_len", type=int, default=64, help="caption tokens")
-
-    p = generate_part
-    p.add_argument("--captions", default=None, help=f"img_id<TAB>caption TSV (default: {MUGE_CAPTIONS})")
-    p.add_argument("--limit", type=int, default=64, help="captions to draw, the first ones (0: all)")
-    p.add_argument("--image_size", type=int, default=256, help="decoded side; the code grid is this / the "
-                   "VQGAN's factor (32 for --vqgan small)")
-    p.add_argument("--compile", choices=["true", "false"], default=None, help="generate.py --compile")
-
-    p = steps_part
-    p.add_argument("--codebook_size", type=int, default=16384, help="codebook of the GPT")
-    p.add_argument("--grid", type=int, default=16, help="code grid side")
-    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--compile", action="store_true", help="also time the compiled step")
-    p.add_argument("--no_cache", action="store_true", help="also time the uncached step and give the ratio")
 
 
 def main() -> None:

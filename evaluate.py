@@ -84,9 +84,8 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """Fréchet distance of N(mu1, sigma1) and N(mu2, sigma2): |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr(root),
-    root = (sigma1 sigma2)^(1/2). Not scipy's sqrtm: it turns complex on near-singular covariances (fewer pictures
-    than features); the symmetric sqrt(sigma1) sigma2 sqrt(sigma1) has the same eigenvalues, in float64."""
+    """|mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)), the root's trace from the symmetric
+    sqrt(sigma1) sigma2 sqrt(sigma1): scipy's sqrtm turns complex on near-singular covariances (N < D)."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     # rounding makes the tiny eigenvalues of a rank-deficient covariance slightly negative; they are zero
@@ -286,14 +285,13 @@ class Tally:
         result: dict[str, Any] = {"images": self.count}
         if self.logits:
             result["inception_score"], result["inception_score_std"] = inception_score(np.concatenate(self.logits))
-        if real is not None and len(self.features) and self.count >= 2 and real.count >= 2:
+        if real is not None and self.features and self.count >= 2 and real.count >= 2:
             result["fid"] = fid_of_features(np.concatenate(real.features), np.concatenate(self.features))
         if tools.grader is not None and self.codes:
             result["r_precision"] = r_precision(tools.grader, self.codes, tools.split.text, tools.device)
         if tools.matcher is not None:
-            images = max(self.demo["images"], 1)
-            result["demo"] = {k: v / images for k, v in self.demo.items() if k != "images"} | {
-                "images": self.demo["images"]}
+            result["demo"] = {k: v / max(self.demo["images"], 1) for k, v in self.demo.items() if k != "images"}
+            result["demo"]["images"] = self.demo["images"]
         return result
 
 
@@ -550,42 +548,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_argument_group("what to score")
-    what.add_argument("--ckpt", default=None, help=f"train.py checkpoint: draws a picture for every val caption "
-                      f"(default: {DEFAULT_CKPT}, unless --generated is given)")
-    what.add_argument("--generated", default=None, help="score these pictures instead of drawing them: "
-                      "`img_id<TAB>base64` lines for every val img_id, as generate.py writes them; with --ckpt too, "
-                      "the checkpoint gives the val NLL")
-    what.add_argument("--data_dir", default=None,
-                      help="prepare.py output dir whose val split is scored (default: the checkpoint's)")
-    what.add_argument("--source_dir", default=None, help="folder of the T2I_*.tsv files prepare.py read, for the "
-                      "real val pictures and captions (default: the one its meta.json records)")
-    what.add_argument("--vqgan_ckpt", default=None,
+    what.add_argument("--ckpt", help=f"train.py checkpoint: draws a picture for every val caption (default: "
+                      f"{DEFAULT_CKPT}, unless --generated is given)")
+    what.add_argument("--generated", help="score these pictures instead of drawing them: `img_id<TAB>base64` lines "
+                      "for every val img_id, as generate.py writes them; with --ckpt too, the checkpoint gives the "
+                      "val NLL")
+    what.add_argument("--data_dir", help="prepare.py output dir whose val split is scored (default: the checkpoint's)")
+    what.add_argument("--source_dir", help="folder of the T2I_*.tsv files prepare.py read, for the real val pictures "
+                      "and captions (default: the one its meta.json records)")
+    what.add_argument("--vqgan_ckpt",
                       help="VQGAN for decoding and the round trip (default: the one prepare.py encoded with)")
     what.add_argument("--max_images", type=int, default=0,
                       help="score the first N val rows only, for a quick look (default: 0, all of them)")
     metrics = parser.add_argument_group("metrics")
-    metrics.add_argument("--inception_weights", default=None,
-                         help=f"the FID Inception weights, {FID_WEIGHTS_FILE} from {FID_WEIGHTS_URL} (default: "
-                         "the torch hub cache, <torch hub dir>/checkpoints/, where pytorch-fid keeps them); FID "
-                         "and IS also need `pip install pytorch-fid`; without either they are skipped")
+    metrics.add_argument("--inception_weights", help=f"the FID Inception weights, {FID_WEIGHTS_FILE} from "
+                         f"{FID_WEIGHTS_URL} (default: the torch hub cache, <torch hub dir>/checkpoints/, where "
+                         "pytorch-fid keeps them); FID and IS also need `pip install pytorch-fid`; without either "
+                         "they are skipped")
     metrics.add_argument("--no_inception", action="store_true", help="skip FID and IS even where they could run")
-    metrics.add_argument("--grader", default=None, help="the scorer that grades R-precision, trained on other rows "
-                         "than the one that ranks candidates (default: <the checkpoint's folder>/grader/best.pt)")
+    metrics.add_argument("--grader", help="the scorer that grades R-precision, trained on other rows than the one "
+                         "that ranks candidates (default: <the checkpoint's folder>/grader/best.pt)")
     metrics.add_argument("--demo", action="store_true", help="the demo data: also score how often the drawn colour "
                          "and category are the caption's")
     sampling = add_sampling_flags(parser)
-    sampling.add_argument("--sweep", nargs="+", default=None, metavar="NAME=V1,V2",
-                          help=f"score every combination of these settings ({', '.join(SWEEPABLE)}), one row each; "
-                          "e.g. cfg_scale=1,3,5 candidates=1,4 top_k=0,100 (top_k 0: off)")
-    sampling.add_argument("--batch_size", type=int, default=32,
-                          help="pictures per batch for sampling, the VQGAN, the NLL and Inception (default: "
-                          "%(default)s)")
+    sampling.add_argument("--sweep", nargs="+", metavar="NAME=V1,V2", help="score every combination of these "
+                          f"settings ({', '.join(SWEEPABLE)}), one row each; e.g. cfg_scale=1,3,5 candidates=1,4 "
+                          "top_k=0,100 (top_k 0: off)")
+    sampling.add_argument("--batch_size", type=int, default=32, help="pictures per batch for sampling, the VQGAN, "
+                          "the NLL and Inception (default: %(default)s)")
     output = parser.add_argument_group("output")
-    output.add_argument("--grid", default=None, help="also save real and generated pictures side by side, e.g. "
-                        "pairs.png (the first setting's)")
+    output.add_argument("--grid", help="also save real and generated pictures side by side, e.g. pairs.png (the "
+                        "first setting's)")
     output.add_argument("--grid_count", type=int, default=8, help="pairs on the sheet, the first val rows; "
                         "rounded down so that each pair shares a line (default: %(default)s)")
-    output.add_argument("--grid_font", default=None, help="font file with Chinese glyphs for the captions")
+    output.add_argument("--grid_font", help="font file with Chinese glyphs for the captions")
     return parser
 
 

@@ -7,6 +7,7 @@ import ast
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import math
 import multiprocessing
 import os
@@ -39,11 +40,9 @@ def run_main(prog: str, main: Callable[[], object]) -> int:
     try:
         main()
         return 0
-    except (UserError, CheckpointError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
     except BrokenPipeError:  # `... | head`: whoever read the output has stopped
         print(f"{prog}: error: the output was closed before everything was written", file=sys.stderr)
-    except OSError as e:  # a path that is a file, read-only, a full disk: the message names the file
+    except (UserError, CheckpointError, OSError) as e:  # OSError: a read-only path, a full disk; it names the file
         print(f"{prog}: error: {e}", file=sys.stderr)
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr)
@@ -186,9 +185,7 @@ def pick_device(name: str | None = None) -> torch.device:
     if torch.version.cuda and (why or any(Path(p).exists() for p in NVIDIA_DEVICE_FILES)):
         raise UserError(f"this machine has an NVIDIA GPU that torch cannot use ({why or cuda_problem()}): update "
                         "the driver or install a torch built for an older CUDA; --device cpu runs on the CPU")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
 
 
 NVIDIA_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0")
@@ -248,9 +245,8 @@ def cosine_lr(step: int, lr: float, min_lr: float, warmup: int, decay_steps: int
 
 
 def memory_gib(device: torch.device, children: bool = False) -> dict[str, float]:
-    """Peak memory so far. On CUDA what tensors took, what the caching allocator reserved, and what the card had
-    to have (reserved plus the CUDA context and libraries, which no allocator counts); elsewhere the peak
-    resident memory of this process, or with `children` of the largest child process that has ended."""
+    """Peak GiB so far: on CUDA what tensors took, what the allocator reserved and what the card needed (reserved
+    plus the CUDA context and libraries); elsewhere peak resident memory of this process or its largest ended child."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         reserved = torch.cuda.max_memory_reserved(device)
@@ -291,8 +287,7 @@ def locked(folder: str | os.PathLike, what: str) -> Iterator[IO]:
 
 
 def progress(total: int | None, desc: str, unit: str, items: Iterable | None = None) -> tqdm:
-    """A progress bar with a rate on stderr, over `items` if given; off a terminal, a line every 30 s rather than
-    a flood."""
+    """A progress bar with a rate on stderr, over `items` if given; off a terminal, a line every 30 s, not a flood."""
     return tqdm(items, total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
                 mininterval=0.5 if sys.stderr.isatty() else 30.0)
 
@@ -336,9 +331,8 @@ class Report:
 
 
 def process_pool(workers: int) -> ProcessPoolExecutor | None:
-    """`workers` processes for CPU work (image decoding, PNG encoding), or None for 0: work in this process.
-    Forked now, so that they start at once with the loaded modules: create the pool before torch has run
-    anything (its threads do not survive a fork). They leave Ctrl-C to this process."""
+    """`workers` processes for CPU work (decoding, PNG encoding), or None for 0; forked at once with the loaded
+    modules, so create it before torch runs anything (its threads do not survive a fork); workers ignore Ctrl-C."""
     if workers <= 0:
         return None
     fork = "fork" in multiprocessing.get_all_start_methods() and sys.platform != "darwin"
@@ -350,9 +344,8 @@ def process_pool(workers: int) -> ProcessPoolExecutor | None:
 
 def map_in_order(pool: ProcessPoolExecutor | None, fn: Callable[..., T], jobs: Iterable[tuple], window: int,
                  what: str) -> Iterator[T]:
-    """fn(*job) for every job, in order, run by the `pool` with at most `window` jobs in flight (or here).
-    Jobs are taken only as room frees up, so a generator of jobs runs alongside the workers. A worker that dies
-    (killed, or for want of memory) ends the run with a message, not a hang."""
+    """fn(*job) for every job, in order, by the `pool` (or here) with at most `window` in flight; jobs are taken as
+    room frees up, so a generator of jobs runs alongside. A dead worker ends the run with a message, not a hang."""
     if pool is None:
         yield from (fn(*job) for job in jobs)
         return
@@ -382,11 +375,6 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
     """Lists of `size` consecutive items (the last may be shorter); itertools.batched needs Python 3.12."""
-    batch: list[T] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
         yield batch

@@ -149,9 +149,8 @@ def list_items(sources: list[str]) -> list[tuple[str, Path | None]]:
 
 def stream_images(sources: list[str], image_size: int, resize: str, order: random.Random | None = None,
                   skip: frozenset = frozenset(), shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[str, np.ndarray]]:
-    """(label, uint8 [S, S, 3]) for every readable image, files in `order` if given; labels are `file:line` or paths.
-    Those in `skip` are left out, unreadable ones reported on stderr. `shard` (index, count) keeps every count-th
-    image, so that DataLoader workers split the work (they must then share the same `order`)."""
+    """(`file:line` or path, uint8 [S, S, 3]) of every readable image not in `skip`, files in `order` if given; `shard`
+    (index, count) keeps every count-th, so that DataLoader workers split the work (sharing one `order`)."""
     items = list_items(sources)
     if order is not None:
         order.shuffle(items)  # a TSV's rows stay in file order: the shuffle buffer mixes them
@@ -240,9 +239,7 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: torch.Tensor) -> torch.Tensor
     """Mean structural similarity of images in [-1, 1] (1 = identical)."""
     c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2  # the usual constants for a value range of 2
 
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(t, window, groups=3)
-
+    blur = lambda t: F.conv2d(t, window, groups=3)
     mu_x, mu_y = blur(x), blur(y)
     var_x = blur(x * x) - mu_x**2
     var_y = blur(y * y) - mu_y**2
@@ -301,9 +298,8 @@ def adaptive_gan_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_lay
 
 
 class EMACodebook:
-    """Codebook vectors kept as running means of the encoder outputs assigned to them (`--codebook_ema`): Adam
-    moves a fresh code by about the learning rate per step, thousands of steps from the latents, while a running
-    mean follows them within about 1 / (1 - decay) steps. Each code starts as if assigned one latent: itself."""
+    """Codes kept as running means of the latents assigned to them (`--codebook_ema`): Adam moves a code about lr per
+    step, thousands of steps from the latents; a mean follows within ~1 / (1 - decay). Each starts as its own latent."""
 
     def __init__(self, weight: torch.Tensor, decay: float):
         self.decay = decay
@@ -638,8 +634,7 @@ def main(argv: list[str] | None = None) -> dict:
         with locked(args.out_dir, "vqgan.train run"):
             result.update(train(args, shlex.join(["python", "-m", "vqgan.train", *argv])))
 
-    status = run_main("vqgan.train", run)
-    if status:
+    if status := run_main("vqgan.train", run):
         sys.exit(status)
     return result
 
