@@ -44,7 +44,7 @@ class GPTConfig:
     n_embd: int = setting(128, "width of the model")
     dropout: float = setting(0.0, "dropout in the model (and in a from-scratch text encoder)")
     bias: bool = setting(False, "biases in linear layers and layer norms")
-    text_n_layer: int = setting(2, "layers of the from-scratch text encoder")
+    text_n_layer: int = setting(1, "layers of the from-scratch text encoder")
     text_n_head: int = setting(4, "heads of the from-scratch text encoder")
     text_n_embd: int = setting(128, "width of the from-scratch text encoder")
     text_finetune_layers: int = setting(0, "a pretrained text encoder: train its top k layers (0 frozen, -1 all)")
