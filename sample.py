@@ -30,8 +30,8 @@ from vqgan import VQGAN, load_vqgan, tensor_to_images
 
 DEFAULT_CKPT = "out/best.pt"
 # Chosen with `evaluate.py --demo --sweep` (BENCHMARKS.md, "Sampling settings"): guidance 2 and temperature 0.8
-# drew the demo's colours and categories best. Best of 8 with the scorer lifts the demo's category from 0.816 to
-# 0.859 at 3.6 times the sampling time ("Best-of-N on the 4 × 128 GPT"): an option (--candidates), not the default.
+# drew the demo's colours and categories best. Best of 8 with the scorer adds a point or four of category at about
+# four times the sampling time ("Best-of-N on the 4 × 128 GPT"): an option (--candidates), not the default.
 DEFAULT_CFG_SCALE = 2.0
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_CANDIDATES = 1
