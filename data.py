@@ -92,7 +92,10 @@ def read_tsv(path: str | os.PathLike, max_line_bytes: int = MAX_LINE_BYTES) -> I
 
 def _split_row(line: bytes, line_no: int) -> TsvRow:
     raw_id, tab, value = line.partition(b"\t")
-    bad = lambda *reason: TsvRow(line_no, _printable_id(raw_id), b"", BadRowError(*reason))
+
+    def bad(*reason: str) -> TsvRow:
+        return TsvRow(line_no, _printable_id(raw_id), b"", BadRowError(*reason))
+
     if not tab:
         return bad("malformed line", "no tab after the img_id")
     try:

@@ -239,7 +239,9 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: torch.Tensor) -> torch.Tensor
     """Mean structural similarity of images in [-1, 1] (1 = identical)."""
     c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2  # the usual constants for a value range of 2
 
-    blur = lambda t: F.conv2d(t, window, groups=3)
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, window, groups=3)
+
     mu_x, mu_y = blur(x), blur(y)
     var_x = blur(x * x) - mu_x**2
     var_y = blur(y * y) - mu_y**2
