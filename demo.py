@@ -279,7 +279,7 @@ def write_dataset(out_dir: str | Path, n_train: int = 4096, n_val: int = 256, n_
 
 # --- scoring pictures against their titles -----------------------------------------------------------------
 
-MATCHER_GRID = 16  # silhouettes are compared at 16x16 after cropping to the product's box
+MATCHER_GRID = 12  # silhouettes are compared at 12x12 after cropping to the product's box
 
 
 def silhouette(picture: np.ndarray) -> np.ndarray:
@@ -302,19 +302,24 @@ def silhouette(picture: np.ndarray) -> np.ndarray:
 
 
 def silhouette_features(picture: np.ndarray) -> np.ndarray:
-    """Where a product is and how big does not matter: its silhouette cropped to its box, at 16x16, mirrored
-    onto itself (renders are mirrored at random), plus the box's aspect ratio and how much of it is filled."""
-    shape = silhouette(np.asarray(picture))
+    """Where a product is and how big does not matter: its silhouette, and its coloured pixels (which keep the hole
+    of a handbag's handle that the silhouette fills), cropped to the silhouette's box at 12x12 and mirrored onto
+    themselves (renders are mirrored at random), plus the box's aspect ratio and how much of it is filled."""
+    picture = np.asarray(picture)
+    shape = silhouette(picture)
     if not shape.any():
-        return np.zeros(MATCHER_GRID * MATCHER_GRID + 2)
+        return np.zeros(2 * MATCHER_GRID * MATCHER_GRID + 2)
     rows, cols = np.nonzero(shape)
     # The 1% tails are left out, so that a few stray pixels of a generated picture do not stretch the box.
     top, bottom = np.quantile(rows, [0.01, 0.99]).astype(int)
     left, right = np.quantile(cols, [0.01, 0.99]).astype(int)
-    box = shape[top : bottom + 1, left : right + 1].astype(np.float32)
-    small = np.asarray(Image.fromarray(box).resize((MATCHER_GRID, MATCHER_GRID), Image.Resampling.BOX))
-    small = (small + small[:, ::-1]) / 2
-    return np.concatenate([small.ravel(), [math.log(box.shape[1] / box.shape[0]), box.mean()]])
+    box = np.s_[top : bottom + 1, left : right + 1]
+    grids = []
+    for mask in (shape[box], foreground_mask(picture)[box]):
+        small = np.asarray(Image.fromarray(mask.astype(np.float32)).resize((MATCHER_GRID, MATCHER_GRID),
+                                                                            Image.Resampling.BOX))
+        grids.append(((small + small[:, ::-1]) / 2).ravel())
+    return np.concatenate([*grids, [math.log((right - left + 1) / (bottom - top + 1)), shape[box].mean()]])
 
 
 def renders(image_size: int, seed: int, per_product: int) -> tuple[list[np.ndarray], list[Product]]:

@@ -169,8 +169,21 @@ def test_silhouette_features_ignore_place_size_and_mirroring():
     other = demo.silhouette_features(np.asarray(demo.render(demo.Product("口红", "蓝", "纯色"), 64, rng)))
     spread = max(np.abs(f - features[0]).mean() for f in features)
     assert spread < 0.5 * np.abs(other - features[0]).mean()
-    assert features[0].shape == (demo.MATCHER_GRID**2 + 2,)
+    assert features[0].shape == (2 * demo.MATCHER_GRID**2 + 2,)
     assert not demo.silhouette_features(np.full((16, 16, 3), 255, np.uint8)).any()
+
+
+def test_silhouette_features_see_the_hole_of_a_handle():
+    # A handbag's silhouette fills the hole under its handle, which makes it a dome like a hat's; the coloured
+    # pixels keep the hole, so painting it over changes the features though not the silhouette.
+    bag = np.asarray(demo.render(demo.Product("手提包", "蓝", "纯色"), 64, random.Random(0))).copy()
+    filled = bag.copy()
+    filled[demo.silhouette(bag) & ~demo.foreground_mask(bag)] = demo.COLOURS["蓝"][0]
+    assert np.array_equal(demo.silhouette(filled), demo.silhouette(bag))
+    grid = demo.MATCHER_GRID**2
+    before, after = demo.silhouette_features(bag), demo.silhouette_features(filled)
+    assert np.allclose(before[:grid], after[:grid])
+    assert np.abs(before[grid:2 * grid] - after[grid:2 * grid]).max() > 0.5
 
 
 def test_captions_that_are_not_the_demos_are_not_counted(matcher):
