@@ -29,9 +29,9 @@ from utils import Report, UserError, pick_dtype, sha256_file
 from vqgan import VQGAN, load_vqgan, tensor_to_images
 
 DEFAULT_CKPT = "out/best.pt"
-# Chosen with `evaluate.py --demo --sweep` (BENCHMARKS.md, "Sampling settings"): guidance 2 and temperature 0.7
-# drew the demo's colours and categories best. Best of 8 with the scorer adds a point or four of category at about
-# four times the sampling time ("Best-of-N on the 4 × 128 GPT"): an option (--candidates), not the default.
+# Chosen with `evaluate.py --demo --sweep` (BENCHMARKS.md, "Sampling settings of the 4 × 128 GPT"): guidance 2
+# and temperature 0.7 drew the demo's colours and categories best. Best of 8 with the scorer adds a point or two of
+# category at about four times the sampling time ("Best-of-N on the 4 × 128 GPT"): an option, not the default.
 DEFAULT_CFG_SCALE = 2.0
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_CANDIDATES = 1
