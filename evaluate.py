@@ -402,7 +402,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     tools = Tools(split, device, args.batch_size, vq, load_extractor(args, device, skipped),
                   load_grader(args, ckpt, split, vq, device, skipped), None, args.grid_count if args.grid else 0)
     best_of_n = pipe is not None and max(sampling["candidates"] for sampling in settings) > 1
-    ranker = load_ranker(args.scorer, pipe, ckpt) if best_of_n else None
+    ranker = load_ranker(args.scorer, pipe, ckpt) if best_of_n and args.scorer else None
     result: dict[str, Any] = {"val_bits_per_code": None, "recon_psnr": None, "recon_fid": None}
     ceiling = None
     if args.demo:

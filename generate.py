@@ -135,12 +135,13 @@ def _run(args: argparse.Namespace, out: BinaryIO, pool: ProcessPoolExecutor | No
             report.warn(prompt.where, "caption truncated",
                         f"{prompt.img_id}: {count} tokens, the model reads the first {text_len}")
     n, batch_size = len(prompts), min(args.batch_size, len(prompts))
-    scorer = load_ranker(args.scorer, pipe, args.ckpt) if args.candidates > 1 else None
+    scorer = load_ranker(args.scorer, pipe, args.ckpt) if args.scorer and args.candidates > 1 else None
     sampler = pipe.sampler(batch_size * args.candidates, args.cfg_scale, args.temperature, args.top_k, args.top_p,
                            compile)
     native = pipe.model.config.grid_rows * pipe.vq.downsample_factor
     size = args.image_size or None
-    best_of = f", best of {args.candidates}" if args.candidates > 1 else ""
+    ranked_by = "the scorer" if scorer else "likelihood"
+    best_of = f", best of {args.candidates} by {ranked_by}" if args.candidates > 1 else ""
     resize = f" resized to {size} px" if size and size != native else ""
     print(f"generate: {n} prompts, {pipe.model.num_params() / 1e6:.1f}M parameters, {native} px pictures{resize}, "
           f"{args.format}, batch {batch_size}, cfg {args.cfg_scale}{best_of}, {device}, "

@@ -356,6 +356,19 @@ class GPT(CaptionModel):
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), codes.reshape(-1))
         return logits, loss
 
+    @torch.no_grad()
+    def score(self, codes: torch.Tensor, text_ids: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+        """Mean log-likelihood per code [B] of code grids [B, rows*cols] (or [B, rows, cols]) given their captions:
+        how typical of its title each picture is, which ranks best-of-N candidates as a scorer does. In slices,
+        as the float logits of a large codebook are large."""
+        codes = codes.flatten(1).long()
+        scores = []
+        for i in range(0, len(codes), chunk):
+            logits, _ = self(codes[i : i + chunk], text_ids[i : i + chunk])
+            nll = F.cross_entropy(logits.float().transpose(1, 2), codes[i : i + chunk], reduction="none")
+            scores.append(-nll.mean(1))
+        return torch.cat(scores)
+
     def flops_per_sample(self) -> float:
         """Training FLOPs (forward + backward) for one image and caption: 6 per weight per token it touches for
         trained matmuls (2 forward, 4 backward); attention scores as in the PaLM paper's appendix B."""

@@ -30,8 +30,9 @@ from vqgan import VQGAN, load_vqgan, tensor_to_images
 
 DEFAULT_CKPT = "out/best.pt"
 # Chosen with `evaluate.py --demo --sweep` (BENCHMARKS.md, "Sampling settings of the 4 × 128 GPT"): guidance 2
-# and temperature 0.7 drew the demo's colours and categories best. Best of 8 with the scorer adds a point or two of
-# category at about four times the sampling time ("Best-of-N on the 4 × 128 GPT"): an option, not the default.
+# and temperature 0.7 drew the demo's colours and categories best. Best of 4 by the GPT's own likelihood adds two or
+# three points of category at about three times the sampling time ("Best-of-N on the 4 × 128 GPT"): make demo
+# uses it; one candidate stays the default, as what ranking does to MUGE's FID is not measured.
 DEFAULT_CFG_SCALE = 2.0
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_CANDIDATES = 1
@@ -68,14 +69,13 @@ class Pipeline:
                 top_k: int | None = None, top_p: float | None = None, compile: bool = False) -> Sampler:
         return Sampler(self.model, batch_size, cfg_scale, temperature, top_k, top_p, compile)
 
-    def draw(self, text_ids: np.ndarray, keys: torch.Tensor, sampler: Sampler, scorer: Scorer | None = None
+    def draw(self, text_ids: np.ndarray, keys: torch.Tensor, sampler: Sampler, scorer: Scorer | GPT | None = None
              ) -> Iterator[np.ndarray]:
         """uint8 pictures [b, H, W, 3], batch after batch, for captions `text_ids` [N, L] drawn with `keys`
         [N, candidates] (model.row_keys); of several candidates, drawn in one batch, the one `scorer` ranks highest
-        is kept. Adds the seconds spent to `timings`."""
+        (without one, the GPT's own likelihood of it) is kept. Adds the seconds spent to `timings`."""
         candidates = keys.shape[1]
-        if candidates > 1 and scorer is None:
-            raise ValueError("best-of-N needs a scorer to rank the candidates (see load_ranker)")
+        scorer = self.model if scorer is None else scorer
         step = sampler.batch_size // candidates
         for start in range(0, len(text_ids), step):
             started = time.perf_counter()
@@ -93,7 +93,8 @@ class Pipeline:
             yield pictures
 
     def draw_captions(self, captions: Sequence[str], seed: int = DEFAULT_SEED, batch_size: int = 32,
-                      candidates: int = 1, scorer: Scorer | None = None, **sampling: object) -> Iterator[np.ndarray]:
+                      candidates: int = 1, scorer: Scorer | GPT | None = None, **sampling: object
+                      ) -> Iterator[np.ndarray]:
         """One uint8 picture per caption, in order: what generate.py writes for the same settings."""
         ids, _ = self.caption_ids(captions)
         sampler = self.sampler(min(batch_size, max(1, len(captions))) * candidates, **sampling)
@@ -147,13 +148,12 @@ def load_pipeline(ckpt_path: str | os.PathLike, device: torch.device, dtype: tor
     return Pipeline(model, vq, decoder, tokenizer, ckpt)
 
 
-def load_ranker(path: str | None, pipe: Pipeline, ckpt_path: str | os.PathLike) -> Scorer:
-    """The scorer that ranks best-of-N candidates: `path`, by default the one beside the GPT (<its folder>/scorer)."""
-    path = path or str(Path(ckpt_path).parent / "scorer" / "best.pt")
+def load_ranker(path: str, pipe: Pipeline, ckpt_path: str | os.PathLike) -> Scorer:
+    """A text-image scorer to rank best-of-N candidates instead of the GPT's own likelihood, checked against the
+    GPT's data."""
     if not Path(path).is_file():
-        raise UserError(f"best-of-N needs a scorer to rank the candidates, and there is none at {path}: train one (for "
-                        "the demo: `python train.py config/scorer_demo.py --rows=even --out_dir=out/scorer`), or "
-                        "pass --scorer PATH")
+        raise UserError(f"{path}: no such scorer (--scorer; train one with `python train.py config/scorer_demo.py`, "
+                        "or leave --scorer out to rank by the GPT's own likelihood)")
     scorer, _ = load_scorer(path, pipe.device)
     for name in ("codebook_size", "grid_rows", "grid_cols", "text_len", "text_vocab_size", "text_encoder"):
         if getattr(scorer.config, name) != getattr(pipe.model.config, name):
@@ -174,10 +174,11 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
     group.add_argument("--top_p", type=float, default=None,
                        help="sample within the smallest set of codes holding this probability (default: off)")
     group.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
-                       help="best-of-N: draw N pictures per caption (in the same batch) and keep the one the "
-                       "scorer (--scorer) ranks highest (default: %(default)s)")
-    group.add_argument("--scorer", default=None, help="the text-image scorer that ranks best-of-N candidates "
-                       "(train.py --model=scorer; default: <the checkpoint's folder>/scorer/best.pt)")
+                       help="best-of-N: draw N pictures per caption (in the same batch) and keep the one ranked "
+                       "highest (default: %(default)s)")
+    group.add_argument("--scorer", default=None, help="a text-image scorer (train.py --model=scorer) that ranks "
+                       "best-of-N candidates (default: the GPT's own likelihood of each candidate's codes given "
+                       "its caption)")
     group.add_argument("--seed", type=int, default=DEFAULT_SEED,
                        help="each picture draws from the random numbers of (seed, its caption's place among the "
                        "prompts or val rows): the same seed and flags give byte-identical pictures on the same "

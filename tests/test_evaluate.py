@@ -444,7 +444,7 @@ def run_evaluate(capfd):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory, vqgan_ckpt):
     """The demo data at the tiny VQGAN's 32 px, prepared, with a GPT trained for two steps on it (out/best.pt),
-    the scorer that ranks best-of-N candidates (out/scorer) and the one that grades R-precision (out/grader)."""
+    a text-image scorer to rank best-of-N candidates (out/scorer) and one that grades R-precision (out/grader)."""
     root = tmp_path_factory.mktemp("evaluate")
     demo.write_dataset(root / "source", n_train=24, n_val=10, n_test=2, image_size=TINY_F4_SIZE, seed=5)
     assert prepare.main(["--data_dir", str(root / "source"), "--vqgan_ckpt", str(vqgan_ckpt), "--out_dir",
@@ -597,6 +597,10 @@ def test_sweep_scores_every_combination(demo_run, no_pytorch_fid, run_evaluate):
         assert row["settings"]["temperature"] == sample.DEFAULT_TEMPERATURE and row["fid"] is None
     # the metrics of the pictures are per row; those of the real pictures and the model once
     assert "r_precision" not in result and result["val_rows"] == 4 and result["real_r_precision"] is not None
+    # ranked by a named scorer instead of the GPT's likelihood
+    code, ranked, stderr = run_evaluate("--ckpt", str(demo_run / "out" / "best.pt"), "--max_images", "4",
+                                        "--candidates", "2", "--scorer", str(demo_run / "out" / "scorer" / "best.pt"))
+    assert code == 0 and ranked["settings"]["candidates"] == 2, stderr
     for flags, message in [(["--sweep", "cfg=1,3"], "expected NAME=V1,V2,... with NAME one of cfg_scale"),
                            (["--sweep", "top_k="], "expected NAME=V1,V2"),
                            (["--sweep", "top_k=1,a"], "the values of top_k must be ints")]:
@@ -621,7 +625,7 @@ def test_clear_errors(tmp_path, demo_run, run_evaluate):
     assert code == 1 and "must be at least 1" in error_line(stderr)
     code, _, stderr = run_evaluate("--ckpt", str(demo_run / "out" / "best.pt"), "--sweep", "candidates=1,2",
                                    "--scorer", str(tmp_path / "none.pt"))
-    assert code == 1 and "needs a scorer" in error_line(stderr) and "none.pt" in error_line(stderr)
+    assert code == 1 and "no such scorer" in error_line(stderr) and "none.pt" in error_line(stderr)
 
 
 def test_generated_pictures_must_answer_every_val_row_scored(demo_run, no_pytorch_fid, run_evaluate, tmp_path):

@@ -34,8 +34,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, vqgan_ckpt):
-    """prepare.py and train.py run as a user would, in a folder laid out like the repo (out/best.pt), with the
-    scorer that ranks best-of-N candidates beside the GPT (out/scorer/best.pt)."""
+    """prepare.py and train.py run as a user would, in a folder laid out like the repo (out/best.pt), with a
+    text-image scorer for best-of-N (out/scorer/best.pt)."""
     root = tmp_path_factory.mktemp("run")
     source = write_dataset(root / "muge", good_rows(24))
     write_lines(source / prepare.TEST_FILE, [f"{i}\t{caption}" for i, caption in TEST_PROMPTS])
@@ -196,23 +196,20 @@ def test_compiled_sampling_draws_the_same_bytes_as_eager(trained, tmp_path):
     assert run_generate(trained, "--prompts", prompts, "--compile", "false", "--num_workers", "0")[0] == compiled
 
 
-def test_best_of_n_with_the_scorer_beside_the_checkpoint(trained, tmp_path, capsys):
+def test_best_of_n_ranks_by_likelihood_unless_a_scorer_is_named(trained, tmp_path, capsys):
     prompts = str(write_prompts(tmp_path / "p.tsv", TEST_PROMPTS[:5]))
-    default, summary = run_generate(trained, "--prompts", prompts, "--candidates", "3", "--num_workers", "0")
-    assert [parse(line)[0] for line in default] == [i for i, _ in TEST_PROMPTS[:5]]
-    assert "best of 3" in capsys.readouterr().err
-    # by default the scorer in <ckpt folder>/scorer ranks them, the same as naming it
-    named, _ = run_generate(trained, "--prompts", prompts, "--candidates", "3", "--num_workers", "0",
-                            "--scorer", str(trained.scorer))
+    likeliest, _ = run_generate(trained, "--prompts", prompts, "--candidates", "3", "--num_workers", "0")
+    assert [parse(line)[0] for line in likeliest] == [i for i, _ in TEST_PROMPTS[:5]]
+    assert "best of 3 by likelihood" in capsys.readouterr().err
+    ranked, _ = run_generate(trained, "--prompts", prompts, "--candidates", "3", "--num_workers", "0",
+                             "--scorer", str(trained.scorer))
+    assert "best of 3 by the scorer" in capsys.readouterr().err
     plain, _ = run_generate(trained, "--prompts", prompts, "--num_workers", "0")
-    assert named == default and default != plain
-    # a checkpoint with no scorer beside it: best-of-N says how to get one
-    alone = tmp_path / "alone" / "best.pt"
-    alone.parent.mkdir()
-    alone.write_bytes(trained.ckpt.read_bytes())
-    assert generate.main(["--ckpt", str(alone), "--prompts", prompts, "--candidates", "2"]) == 1
+    assert likeliest != plain and ranked != plain
+    assert generate.main(["--ckpt", str(trained.ckpt), "--prompts", prompts, "--candidates", "2", "--scorer",
+                          str(tmp_path / "none.pt")]) == 1
     line = error_line(capsys.readouterr().err)
-    assert "needs a scorer" in line and "config/scorer_demo.py" in line and "--scorer PATH" in line
+    assert "no such scorer" in line and "config/scorer_demo.py" in line and "GPT's own likelihood" in line
 
 
 # --- bad prompts ------------------------------------------------------------------------------------------------

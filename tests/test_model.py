@@ -54,6 +54,20 @@ def test_forward_shapes_and_initial_loss():
     assert abs(loss.item() - math.log(32)) < 0.2
 
 
+def test_score_is_each_grids_mean_log_likelihood_whatever_the_slices():
+    model = tiny_model()
+    codes, text = random_codes(3), captions()
+    scores = model.score(codes.view(3, 3, 4), text, chunk=2)  # grids as the sampler returns them, in two slices
+    for i in range(3):
+        _, loss = model(codes[i : i + 1], text[i : i + 1])
+        assert scores[i].item() == pytest.approx(-loss.item(), rel=1e-5)
+    # greedy decoding, one code at a time, finds grids the model likes better than random ones
+    likely = torch.zeros_like(codes)
+    for t in range(12):
+        likely[:, t] = model(likely, text)[0][:, t].argmax(-1)
+    assert (model.score(likely, text) > model.score(codes, text)).all()
+
+
 def test_config_errors_are_clear():
     with pytest.raises(ValueError, match="n_embd 65 is not divisible by n_head 8"):
         GPTConfig(n_embd=65, n_head=8)

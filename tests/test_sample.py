@@ -272,7 +272,11 @@ def test_one_candidate_is_plain_drawing(pipe):
     assert torch.equal(everything[:, 0], plain)
 
 
-def test_best_of_n_needs_a_scorer(pipe):
-    batches = pipe.draw(text_ids(), row_keys(0, range(3), candidates=2), pipe.sampler(4, cfg_scale=3.0))
-    with pytest.raises(ValueError, match="needs a scorer"):
-        next(batches)
+def test_best_of_n_without_a_scorer_keeps_the_candidate_the_gpt_finds_likeliest(pipe):
+    text, keys = text_ids(), row_keys(0, range(3), candidates=3)
+    drawn = np.concatenate(list(pipe.draw(text, keys, pipe.sampler(6, cfg_scale=3.0))))
+    everything = candidates_of(text, keys, pipe.sampler(3, cfg_scale=3.0))
+    rows = torch.from_numpy(text.astype(np.int64)).repeat_interleave(3, 0)
+    best = pipe.model.score(everything.flatten(0, 1), rows).view(3, 3).argmax(1)
+    assert len(set(best.tolist())) > 1  # not always the first candidate: the choice is tested
+    np.testing.assert_array_equal(drawn, pipe.decode(everything[torch.arange(3), best]))
