@@ -13,7 +13,7 @@ val pictures, fitted to the square exactly as prepare.py fitted them. The metric
   fid, inception_score     the FID Inception network (pytorch-fid's port of TensorFlow's 2015-12-05 graph),
                            when pytorch-fid and its weights are installed (see --inception_weights)
   r_precision              how often a picture's own caption ranks first among it and 99 other val captions,
-                           by a grading scorer trained on other rows than the scorer that ranks best-of-N
+                           by a grading scorer trained on other rows than a --scorer that ranks best-of-N
                            candidates; real_r_precision is the same for the real pictures: the ceiling
   val_bits_per_code        the model's negative log-likelihood of the val codes, every row once
   recon_psnr, recon_fid    the VQGAN's round trip of the real pictures: the best any GPT over its codes can do
@@ -566,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "pytorch-fid keeps them); FID and IS also need `pip install pytorch-fid`; without either "
                          "they are skipped")
     metrics.add_argument("--no_inception", action="store_true", help="skip FID and IS even where they could run")
-    metrics.add_argument("--grader", help="the scorer that grades R-precision, trained on other rows than the one "
+    metrics.add_argument("--grader", help="the scorer that grades R-precision, trained on other rows than a --scorer "
                          "that ranks candidates (default: <the checkpoint's folder>/grader/best.pt)")
     metrics.add_argument("--demo", action="store_true", help="the demo data: also score how often the drawn colour "
                          "and category are the caption's")
