@@ -25,12 +25,12 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# prepare.py and train.py with no arguments run the embedded demo (see README); out/grader is the scorer that
-# grades R-precision, trained on the odd training rows. Each picture is the best of 4 by the GPT's own likelihood.
+# prepare.py and train.py with no arguments run the embedded demo (see README); out/grader is the text-image
+# scorer that grades R-precision. Each picture is the best of 4 by the GPT's own likelihood.
 demo: $(STAMP)
 	$(BIN)/python prepare.py
 	$(BIN)/python train.py $(call resume,out)
-	$(BIN)/python train.py config/scorer_demo.py --rows=odd --out_dir=out/grader $(call resume,out/grader)
+	$(BIN)/python train.py config/scorer_demo.py $(call resume,out/grader)
 	$(BIN)/python generate.py --candidates 4 --grid preview.png > T2I_test.tsv
 	$(BIN)/python evaluate.py --demo --candidates 4 > demo_scores.json
 

@@ -1,10 +1,9 @@
 """Reading MUGE-style TSVs (`img_id \\t caption` or `img_id \\t base64 image`) and turning images into square RGB
 arrays. prepare.py, generate.py and evaluate.py all read through here, so a row reads the same everywhere."""
 
-from __future__ import annotations
-
 import base64
 import binascii
+import contextlib
 import io
 import json
 import os
@@ -120,21 +119,19 @@ def read_text_tsv(path: str | os.PathLike) -> Iterator[TextRow]:
     """Stream `img_id \\t caption` rows with captions decoded; empty or undecodable captions carry an error.
 
     A file of which most lines are not UTF-8 is in another encoding: a UserError once it has been read."""
-    rows = undecodable = 0
-    first_bad = None
+    rows = undecodable = first_bad = 0
     for row in read_tsv(path):
         rows += 1
-        if row.error is not None:
-            yield TextRow(row.line_no, row.img_id, "", row.error)
-            continue
-        try:
-            caption = row.value.decode("utf-8").replace("\t", " ").strip()
-        except UnicodeDecodeError as e:
-            undecodable += 1
-            first_bad = first_bad or row.line_no
-            yield TextRow(row.line_no, row.img_id, "", BadRowError("caption is not UTF-8", str(e)))
-            continue
-        yield TextRow(row.line_no, row.img_id, caption, None if caption else BadRowError("empty caption"))
+        caption, error = "", row.error
+        if error is None:
+            try:
+                caption = row.value.decode("utf-8").replace("\t", " ").strip()
+                error = None if caption else BadRowError("empty caption")
+            except UnicodeDecodeError as e:
+                undecodable += 1
+                first_bad = first_bad or row.line_no
+                error = BadRowError("caption is not UTF-8", str(e))
+        yield TextRow(row.line_no, row.img_id, caption, error)
     if undecodable > rows / 2:
         raise UserError(f"{path}: {undecodable} of {rows} captions are not UTF-8 (the first on line {first_bad}): "
                         "the file is in another encoding, GBK or GB18030 most likely; convert it, e.g. "
@@ -148,19 +145,16 @@ def read_captions(path: str | os.PathLike) -> tuple[dict[str, TextRow], list[tup
     captions: dict[str, TextRow] = {}
     rejects: list[tuple[int, str, BadRowError]] = []
     for row in read_text_tsv(path):
-        if row.error is not None and row.error.reason in LINE_ERRORS:
-            rejects.append((row.line_no, row.img_id, row.error))
-            continue
-        if row.img_id in captions:
-            first = captions[row.img_id].line_no
-            rejects.append((row.line_no, row.img_id, BadRowError("duplicate img_id", f"first at line {first}")))
-            continue
         error = row.error
         if error is None and not has_text(row.caption):
             error = BadRowError("empty caption", "nothing but spaces and control characters")
+        whole_line = error is not None and error.reason in LINE_ERRORS  # its img_id cannot be trusted
+        if not whole_line and row.img_id in captions:
+            error = BadRowError("duplicate img_id", f"first at line {captions[row.img_id].line_no}")
+        elif not whole_line:
+            captions[row.img_id] = row._replace(error=error)
         if error is not None:
             rejects.append((row.line_no, row.img_id, error))
-        captions[row.img_id] = row._replace(error=error)
     return captions, rejects
 
 
@@ -169,13 +163,11 @@ def read_captions(path: str | os.PathLike) -> tuple[dict[str, TextRow], list[tup
 
 def decode_base64(field: bytes) -> bytes:
     """Standard or URL-safe base64, with or without its `=` padding."""
-    data = field.strip()
+    data = field.strip().translate(_URLSAFE_TO_STANDARD)
     if not data:
         raise BadRowError("empty image field")
-    data = data.translate(_URLSAFE_TO_STANDARD)
-    data += b"=" * (-len(data) % 4)
     try:
-        return base64.b64decode(data, validate=True)
+        return base64.b64decode(data + b"=" * (-len(data) % 4), validate=True)
     except binascii.Error as e:
         raise BadRowError("invalid base64", str(e)) from None
 
@@ -207,15 +199,9 @@ def open_image(data: bytes, max_decode_mb: float = MAX_DECODE_MB) -> Image.Image
         image.load()
     except _PILLOW_READ_ERRORS as e:
         raise BadRowError("truncated or corrupt image", str(e) or type(e).__name__) from None
-    return to_rgb(_apply_exif_orientation(image))
-
-
-def _apply_exif_orientation(image: Image.Image) -> Image.Image:
-    try:
-        return ImageOps.exif_transpose(image)
-    except Exception:
-        # A corrupt EXIF block should not cost a good picture: keep it as stored.
-        return image
+    with contextlib.suppress(Exception):  # a corrupt EXIF block should not cost a good picture: keep it as stored
+        image = ImageOps.exif_transpose(image)
+    return to_rgb(image)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -225,9 +211,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if "transparency" in image.info and image.mode in ("P", "L", "RGB"):
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
+        image = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", image.size, "white"), image).convert("RGB")
     if image.mode == "RGB":
         return image
     try:
@@ -265,20 +250,13 @@ def fit_to_square(image: Image.Image, size: int, resize: str = "pad") -> Image.I
         return image.resize((size, size), Image.Resampling.LANCZOS, box=(left, top, left + side, top + side))
     scale = size / max(width, height)
     new_width, new_height = max(1, round(width * scale)), max(1, round(height * scale))
-    if (new_width, new_height) != (width, height):
-        image = image.resize((new_width, new_height), Image.Resampling.LANCZOS)
-    if (new_width, new_height) == (size, size):
-        return image
-    canvas = Image.new("RGB", (size, size), _edge_colour(image, pad_sides=new_width < size))
+    image = image.resize((new_width, new_height), Image.Resampling.LANCZOS)
+    pixels = np.asarray(image)
+    edges = (pixels[:, 0], pixels[:, -1]) if new_width < size else (pixels[0], pixels[-1])
+    median = np.median(np.concatenate(edges), axis=0)
+    canvas = Image.new("RGB", (size, size), tuple(int(v) for v in np.round(median)))
     canvas.paste(image, ((size - new_width) // 2, (size - new_height) // 2))
     return canvas
-
-
-def _edge_colour(image: Image.Image, pad_sides: bool) -> tuple[int, int, int]:
-    pixels = np.asarray(image)
-    edges = (pixels[:, 0], pixels[:, -1]) if pad_sides else (pixels[0], pixels[-1])
-    median = np.median(np.concatenate(edges), axis=0)
-    return tuple(int(v) for v in np.round(median))
 
 
 def image_from_base64(field: bytes, size: int, resize: str = "pad", max_decode_mb: float = MAX_DECODE_MB
@@ -313,7 +291,7 @@ def read_meta(data_dir: str | os.PathLike) -> dict:
 def open_split(data_dir: str | os.PathLike, split: str, meta: dict) -> tuple[np.ndarray, np.ndarray] | None:
     """The (codes [N, rows*cols], text ids [N, text_len]) memmaps of a split, or None when it has no rows."""
     rows, cols = meta["code_grid"]
-    arrays = []
+    counts, arrays = [], []
     for kind, width in (("img", rows * cols), ("txt", meta["text_len"])):
         path = Path(data_dir) / f"{split}.{kind}.bin"
         if not path.is_file():
@@ -321,24 +299,11 @@ def open_split(data_dir: str | os.PathLike, split: str, meta: dict) -> tuple[np.
         size = path.stat().st_size
         if size % (2 * width):
             raise UserError(f"{path}: {size} bytes is not a whole number of uint16 rows of {width}")
-        n = size // (2 * width)
-        arrays.append(np.memmap(path, dtype=np.uint16, mode="r", shape=(n, width)) if n else None)
-    codes, text = arrays
-    if (0 if codes is None else len(codes)) != (0 if text is None else len(text)):
+        counts.append(size // (2 * width))
+        arrays.append(np.memmap(path, dtype=np.uint16, mode="r", shape=(counts[-1], width)) if counts[-1] else None)
+    if counts[0] != counts[1]:
         raise UserError(f"{data_dir}: {split}.img.bin and {split}.txt.bin hold different numbers of rows")
-    return None if codes is None else (codes, text)
-
-
-def half_of_train_rows(data_dir: str | os.PathLike, odd: bool) -> np.ndarray:
-    """Indices of the even or odd training pictures, each with its mirrored copy (prepare.py --flip), so that
-    two models trained on the two halves share no picture."""
-    path = Path(data_dir) / "train.ids.txt"
-    if not path.is_file():
-        raise UserError(f"{path} is missing: run prepare.py again for {data_dir}")
-    ids = path.read_text(encoding="utf-8").splitlines()
-    original = {img_id: i for i, img_id in enumerate(ids) if not img_id.endswith(FLIP_SUFFIX)}
-    return np.array([i for i, img_id in enumerate(ids) if original[img_id.removesuffix(FLIP_SUFFIX)] % 2 == odd],
-                    dtype=np.int64)
+    return (arrays[0], arrays[1]) if counts[0] else None  # an empty file cannot be memory-mapped
 
 
 def check_ids(data_dir: str | os.PathLike, split: str, data: tuple[np.ndarray, np.ndarray], codebook_size: int,

@@ -1,8 +1,6 @@
 """The embedded demo data, in the MUGE layout: flat product pictures (category, colour, pattern) on white, with shop
 titles naming the three among filler words, and the scoring of a generated picture against its title."""
 
-from __future__ import annotations
-
 import base64
 import hashlib
 import io
@@ -62,40 +60,27 @@ class Product:
 ALL_PRODUCTS = tuple(Product(*p) for p in itertools.product(CATEGORIES, COLOURS, PATTERNS))
 
 
-# --- titles ------------------------------------------------------------------------------------------------
-
-
 def make_caption(product: Product, rng: random.Random) -> str:
     """A shop-style title that names the product's category, colour and pattern among filler words."""
     when = rng.choice(YEARS) + rng.choice(SEASONS)
     style = rng.choice(STYLES)
     suffix = rng.choice(SUFFIXES[product.category])
-    colour = product.colour + "色"
-    templates = (
-        f"{when}{style}{colour}{product.pattern}{product.category}{suffix}",
-        f"{style}{product.pattern}{product.category}{suffix}{when}{colour}",
-        f"{when}{colour}{product.category}{style}{product.pattern}{suffix}",
-        f"{product.pattern}{colour}{product.category}{suffix}{style}{when}",
-    )
-    return rng.choice(templates)
+    category, colour, pattern = product.category, product.colour + "色", product.pattern
+    return rng.choice((f"{when}{style}{colour}{pattern}{category}{suffix}",
+                       f"{style}{pattern}{category}{suffix}{when}{colour}",
+                       f"{when}{colour}{category}{style}{pattern}{suffix}",
+                       f"{pattern}{colour}{category}{suffix}{style}{when}"))
 
 
 def parse_caption(caption: str) -> Product:
     """The product a title describes; ValueError unless exactly one category, colour and pattern are named."""
-    return Product(
-        _the_one(caption, "category", [c for c in CATEGORIES if c in caption]),
-        _the_one(caption, "colour", [c for c in COLOURS if c + "色" in caption]),
-        _the_one(caption, "pattern", [p for p in PATTERNS if p in caption]),
-    )
+    found = {"category": [c for c in CATEGORIES if c in caption], "colour": [c for c in COLOURS if c + "色" in caption],
+             "pattern": [p for p in PATTERNS if p in caption]}
+    for what, words in found.items():
+        if len(words) != 1:
+            raise ValueError(f"caption {caption!r} names {len(words)} {what} words ({words}), expected exactly one")
+    return Product(*(words[0] for words in found.values()))
 
-
-def _the_one(caption: str, what: str, found: list[str]) -> str:
-    if len(found) != 1:
-        raise ValueError(f"caption {caption!r} names {len(found)} {what} words ({found}), expected exactly one")
-    return found[0]
-
-
-# --- pictures ----------------------------------------------------------------------------------------------
 
 # Silhouettes in a unit box (x right, y down) and the box's width / height.
 ASPECT = {"T恤": 1.1, "连衣裙": 0.75, "裤子": 0.6, "手提包": 1.2, "帽子": 1.5, "运动鞋": 1.8, "口红": 0.35, "香水": 0.7}
@@ -106,36 +91,24 @@ SHAPES: dict[str, dict[str, list]] = {
                       (0.44, 0.07)]]},
     "连衣裙": {"body": [[(0.28, 0.0), (0.35, 0.0), (0.5, 0.14), (0.65, 0.0), (0.72, 0.0), (0.73, 0.3), (0.64, 0.42),
                          (1.0, 1.0), (0.0, 1.0), (0.36, 0.42), (0.27, 0.3)]]},
-    "裤子": {
-        "body": [[(0.04, 0.0), (0.96, 0.0), (1.0, 1.0), (0.58, 1.0), (0.5, 0.28), (0.42, 1.0), (0.0, 1.0)]],
-        "lines": [[(0.04, 0.09), (0.96, 0.09)]],
-    },
-    "手提包": {
-        "body": [[(0.1, 0.36), (0.9, 0.36), (1.0, 1.0), (0.0, 1.0)]],
-        "arcs": [((0.27, 0.0, 0.73, 0.72), 180, 360)],
-    },
-    "帽子": {
-        "body": [[(0.02, 0.8), (0.06, 0.45), (0.18, 0.18), (0.4, 0.04), (0.62, 0.18), (0.74, 0.45), (0.78, 0.8)],
-                 [(0.7, 0.72), (0.98, 0.84), (1.0, 0.96), (0.7, 0.96)],
-                 [(0.02, 0.8), (0.78, 0.8), (0.78, 0.96), (0.02, 0.96)]],
-        "trim": [[(0.36, 0.0), (0.44, 0.0), (0.44, 0.06), (0.36, 0.06)]],
-    },
-    "运动鞋": {
-        "body": [[(0.0, 0.08), (0.1, 0.0), (0.3, 0.16), (0.42, 0.06), (0.52, 0.28), (0.76, 0.46), (0.94, 0.56),
-                  (1.0, 0.72), (1.0, 1.0), (0.0, 1.0)]],
-        "lines": [[(0.0, 0.8), (1.0, 0.8)], [(0.46, 0.3), (0.56, 0.22)], [(0.56, 0.38), (0.66, 0.3)]],
-    },
-    "口红": {
-        "body": [[(0.0, 0.46), (1.0, 0.46), (1.0, 1.0), (0.0, 1.0)],
-                 [(0.2, 0.36), (0.8, 0.36), (0.8, 0.0), (0.2, 0.16)]],
-        "trim": [[(0.08, 0.36), (0.92, 0.36), (0.92, 0.46), (0.08, 0.46)]],
-    },
-    "香水": {
-        "body": [[(0.0, 0.42), (0.08, 0.32), (0.92, 0.32), (1.0, 0.42), (1.0, 0.92), (0.92, 1.0), (0.08, 1.0),
-                  (0.0, 0.92)]],
-        "trim": [[(0.34, 0.0), (0.66, 0.0), (0.66, 0.2), (0.34, 0.2)],
-                 [(0.42, 0.2), (0.58, 0.2), (0.58, 0.32), (0.42, 0.32)]],
-    },
+    "裤子": {"body": [[(0.04, 0.0), (0.96, 0.0), (1.0, 1.0), (0.58, 1.0), (0.5, 0.28), (0.42, 1.0), (0.0, 1.0)]],
+             "lines": [[(0.04, 0.09), (0.96, 0.09)]]},
+    "手提包": {"body": [[(0.1, 0.36), (0.9, 0.36), (1.0, 1.0), (0.0, 1.0)]],
+               "arcs": [((0.27, 0.0, 0.73, 0.72), 180, 360)]},
+    "帽子": {"body": [[(0.02, 0.8), (0.06, 0.45), (0.18, 0.18), (0.4, 0.04), (0.62, 0.18), (0.74, 0.45), (0.78, 0.8)],
+                      [(0.7, 0.72), (0.98, 0.84), (1.0, 0.96), (0.7, 0.96)],
+                      [(0.02, 0.8), (0.78, 0.8), (0.78, 0.96), (0.02, 0.96)]],
+             "trim": [[(0.36, 0.0), (0.44, 0.0), (0.44, 0.06), (0.36, 0.06)]]},
+    "运动鞋": {"body": [[(0.0, 0.08), (0.1, 0.0), (0.3, 0.16), (0.42, 0.06), (0.52, 0.28), (0.76, 0.46), (0.94, 0.56),
+                         (1.0, 0.72), (1.0, 1.0), (0.0, 1.0)]],
+               "lines": [[(0.0, 0.8), (1.0, 0.8)], [(0.46, 0.3), (0.56, 0.22)], [(0.56, 0.38), (0.66, 0.3)]]},
+    "口红": {"body": [[(0.0, 0.46), (1.0, 0.46), (1.0, 1.0), (0.0, 1.0)],
+                      [(0.2, 0.36), (0.8, 0.36), (0.8, 0.0), (0.2, 0.16)]],
+             "trim": [[(0.08, 0.36), (0.92, 0.36), (0.92, 0.46), (0.08, 0.46)]]},
+    "香水": {"body": [[(0.0, 0.42), (0.08, 0.32), (0.92, 0.32), (1.0, 0.42), (1.0, 0.92), (0.92, 1.0), (0.08, 1.0),
+                       (0.0, 0.92)]],
+             "trim": [[(0.34, 0.0), (0.66, 0.0), (0.66, 0.2), (0.34, 0.2)],
+                      [(0.42, 0.2), (0.58, 0.2), (0.58, 0.32), (0.42, 0.32)]]},
 }
 
 
@@ -162,7 +135,6 @@ def render(product: Product, image_size: int = 64, rng: random.Random | None = N
     second = trim if product.colour == "白" else BACKGROUND
     canvas = Image.new("RGB", (s, s), BACKGROUND)
     canvas.paste(_pattern(product.pattern, s, unit, base, second, rng), mask=mask)
-
     draw = ImageDraw.Draw(canvas)
     line = max(1, round(unit))
     for polygon in shape["body"]:
@@ -210,23 +182,16 @@ def _distance_from_white(image: Image.Image | np.ndarray) -> tuple[np.ndarray, n
 
 
 def foreground_colour(image: Image.Image | np.ndarray) -> str:
-    """The colour name whose body or trim shade is nearest to the median of the most strongly coloured pixels.
-
-    That leaves out white patterns and their blends; a white product's grey trim, or no foreground, reads as white."""
+    """The colour name whose body or trim shade is nearest to the median of the most strongly coloured pixels, which
+    leaves out white patterns and their blends; a white product's grey trim, or no foreground, reads as white."""
     pixels, distance = _distance_from_white(image)
     foreground = distance > 60.0
     if not foreground.any():
         return "白"
     # The half of the foreground farthest from white: solid colour rather than its blends with white.
-    core = pixels[foreground & (distance >= np.median(distance[foreground]))]
-    median = np.median(core, axis=0)
+    median = np.median(pixels[foreground & (distance >= np.median(distance[foreground]))], axis=0)
     references = [(name, shades[i]) for i in (0, 1) for name, shades in COLOURS.items()]  # bodies, then trims
     return min(references, key=lambda ref: float(np.sum((median - np.array(ref[1])) ** 2)))[0]
-
-
-# --- the dataset -------------------------------------------------------------------------------------------
-
-SPLITS = ("train", "val", "test")
 
 
 def split_products(split: str, n: int, seed: int) -> list[Product]:
@@ -246,8 +211,7 @@ def make_split(split: str, n: int, image_size: int, seed: int) -> list[tuple[str
     rows = []
     for i, product in enumerate(split_products(split, n, seed)):
         img_id = hashlib.md5(f"demo/{seed}/{split}/{i}".encode()).hexdigest()
-        caption = make_caption(product, rng)
-        rows.append((img_id, caption, render(product, image_size, rng), product))
+        rows.append((img_id, make_caption(product, rng), render(product, image_size, rng), product))
     return rows
 
 
@@ -265,19 +229,17 @@ def write_dataset(out_dir: str | Path, n_train: int = 4096, n_val: int = 256, n_
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    for split, n in zip(SPLITS, (n_train, n_val, n_test), strict=True):
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
         rows = make_split(split, n, image_size, seed)
-        (partial / f"T2I_{split}.text.tsv").write_text("".join(f"{i}\t{caption}\n" for i, caption, _, _ in rows),
-                                                     encoding="utf-8")
+        titles = "".join(f"{i}\t{caption}\n" for i, caption, _, _ in rows)
+        (partial / f"T2I_{split}.text.tsv").write_text(titles, encoding="utf-8")
         if split != "test":  # the test split has titles only, as in MUGE
-            (partial / f"T2I_{split}.img.tsv").write_text("".join(f"{i}\t{png_base64(image)}\n"
-                                                                  for i, _, image, _ in rows), encoding="ascii")
+            pictures = "".join(f"{i}\t{png_base64(image)}\n" for i, _, image, _ in rows)
+            (partial / f"T2I_{split}.img.tsv").write_text(pictures, encoding="ascii")
     shutil.rmtree(out_dir, ignore_errors=True)
     partial.rename(out_dir)
     return sorted(out_dir.glob("T2I_*.tsv"))
 
-
-# --- scoring pictures against their titles -----------------------------------------------------------------
 
 MATCHER_GRID = 12  # silhouettes are compared at 12x12 after cropping to the product's box
 
@@ -286,16 +248,11 @@ def silhouette(picture: np.ndarray) -> np.ndarray:
     """bool [H, W]: the product's shape, including pale parts (white patterns, white products) that the background
     cannot reach from the picture's border."""
     background = ~foreground_mask(picture)
-    outside = np.zeros_like(background)
-    for edge in (np.s_[0, :], np.s_[-1, :], np.s_[:, 0], np.s_[:, -1]):
-        outside[edge] = background[edge]
-    while True:
-        grown = outside.copy()
-        grown[1:] |= outside[:-1]
-        grown[:-1] |= outside[1:]
-        grown[:, 1:] |= outside[:, :-1]
-        grown[:, :-1] |= outside[:, 1:]
-        grown &= background
+    outside = background.copy()
+    outside[1:-1, 1:-1] = False  # the fill starts from the background on the border
+    while True:  # and grows into the background next to it (4 neighbours) until it stops
+        padded = np.pad(outside, 1)
+        grown = background & (outside | padded[:-2, 1:-1] | padded[2:, 1:-1] | padded[1:-1, :-2] | padded[1:-1, 2:])
         if np.array_equal(grown, outside):
             return ~outside
         outside = grown
@@ -305,7 +262,6 @@ def silhouette_features(picture: np.ndarray) -> np.ndarray:
     """Where a product is and how big does not matter: its silhouette, and its coloured pixels (which keep the hole
     of a handbag's handle that the silhouette fills), cropped to the silhouette's box at 12x12 and mirrored onto
     themselves (renders are mirrored at random), plus the box's aspect ratio and how much of it is filled."""
-    picture = np.asarray(picture)
     shape = silhouette(picture)
     if not shape.any():
         return np.zeros(2 * MATCHER_GRID * MATCHER_GRID + 2)
@@ -316,8 +272,7 @@ def silhouette_features(picture: np.ndarray) -> np.ndarray:
     box = np.s_[top : bottom + 1, left : right + 1]
     grids = []
     for mask in (shape[box], foreground_mask(picture)[box]):
-        small = np.asarray(Image.fromarray(mask.astype(np.float32)).resize((MATCHER_GRID, MATCHER_GRID),
-                                                                            Image.Resampling.BOX))
+        small = np.asarray(Image.fromarray(mask.astype(np.float32)).resize((MATCHER_GRID,) * 2, Image.Resampling.BOX))
         grids.append(((small + small[:, ::-1]) / 2).ravel())
     return np.concatenate([*grids, [math.log((right - left + 1) / (bottom - top + 1)), shape[box].mean()]])
 
@@ -329,21 +284,14 @@ def renders(image_size: int, seed: int, per_product: int) -> tuple[list[np.ndarr
     return [np.asarray(render(product, image_size, rng)) for product in products], products
 
 
-@dataclass
 class CategoryMatcher:
-    """Softmax regression from silhouette features to the categories."""
+    """Softmax regression from silhouette features to the categories, fitted to the products of `pictures` by
+    full-batch L-BFGS in float64, so that the same pictures give the same matcher."""
 
-    mean: np.ndarray
-    scale: np.ndarray
-    weight: np.ndarray  # [features, categories]
-    bias: np.ndarray
-
-    @classmethod
-    def fit(cls, pictures: Sequence[np.ndarray], products: Sequence[Product]) -> CategoryMatcher:
-        """Full-batch L-BFGS in float64, so that the same pictures give the same matcher."""
+    def __init__(self, pictures: Sequence[np.ndarray], products: Sequence[Product]):
         features = np.stack([silhouette_features(p) for p in pictures])
-        mean, scale = features.mean(axis=0), features.std(axis=0) + 1e-6
-        x = torch.from_numpy((features - mean) / scale)
+        self.mean, self.scale = features.mean(axis=0), features.std(axis=0) + 1e-6
+        x = torch.from_numpy((features - self.mean) / self.scale)
         y = torch.tensor([CATEGORIES.index(p.category) for p in products])
         weight = torch.zeros(x.shape[1], len(CATEGORIES), dtype=torch.float64, requires_grad=True)
         bias = torch.zeros(len(CATEGORIES), dtype=torch.float64, requires_grad=True)
@@ -357,7 +305,7 @@ class CategoryMatcher:
             return value
 
         optimizer.step(loss)
-        return cls(mean, scale, weight.detach().numpy(), bias.detach().numpy())
+        self.weight, self.bias = weight.detach().numpy(), bias.detach().numpy()  # [features, categories], [categories]
 
     def predict(self, pictures: Sequence[np.ndarray]) -> list[str]:
         features = np.stack([silhouette_features(p) for p in pictures])
@@ -372,8 +320,7 @@ def attribute_accuracy(pictures: Sequence[np.ndarray], products: Sequence[Produc
     if not pairs:
         return {"colour": 0.0, "category": 0.0, "both": 0.0, "images": 0}
     colours = np.array([foreground_colour(p) == product.colour for p, product in pairs])
-    categories = np.array([c == product.category for c, (_, product) in
-                           zip(matcher.predict([p for p, _ in pairs]), pairs, strict=True)])
+    categories = np.array(matcher.predict([p for p, _ in pairs])) == [product.category for _, product in pairs]
     return {"colour": float(colours.mean()), "category": float(categories.mean()),
             "both": float((colours & categories).mean()), "images": len(pairs)}
 
@@ -393,7 +340,7 @@ def build_matcher(image_size: int, round_trip: Callable[[np.ndarray], np.ndarray
     # matcher from reading blur as another shape (on round trips through an early demo VQGAN: 0.90 -> 0.99).
     radius = 1.5 * image_size / 64
     blurred = [np.asarray(Image.fromarray(p).filter(ImageFilter.GaussianBlur(radius))) for p in pictures]
-    matcher = CategoryMatcher.fit(pictures + blurred, products + products)
+    matcher = CategoryMatcher(pictures + blurred, products + products)
     pictures, products = renders(image_size, seed=1, per_product=1)
     ceiling = {"renders": attribute_accuracy(pictures, products, matcher), "round_trip": None}
     if round_trip is not None:

@@ -10,8 +10,6 @@ and the tokenizer. Only result lines reach stdout; warnings, progress and the su
 processes encode the pictures while the GPT samples the next batch.
 """
 
-from __future__ import annotations
-
 import argparse
 import base64
 import os
@@ -19,9 +17,8 @@ import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -33,7 +30,6 @@ from sample import (
     add_sampling_flags,
     encode_picture,
     load_pipeline,
-    load_ranker,
     sampling_flag_problems,
     write_grid,
 )
@@ -52,16 +48,26 @@ from utils import (
 )
 
 
-@dataclass
-class Prompt:
+class Prompt(NamedTuple):
     img_id: str
     caption: str
     where: str  # "file:line", for messages
 
 
-def read_prompts(path: str, report: Report) -> list[Prompt]:
-    """The `img_id \\t caption` rows of a prompts TSV, in file order: an empty or undecodable caption is drawn
-    unconditionally and a repeated img_id gets a line each time; only lines with no usable img_id are skipped."""
+def read_prompts(args: argparse.Namespace, meta: dict, report: Report) -> list[Prompt]:
+    """--prompt, or the rows of --prompts (default: the checkpoint's test prompts) in file order: an empty or bad
+    caption is drawn unconditionally, a repeated img_id gets a line each time, a line with no img_id is skipped."""
+    if args.prompt is not None:
+        if not has_text(args.prompt):
+            report.warn("--prompt", "empty caption", "drawn unconditionally")
+        return [Prompt("prompt", args.prompt.strip(), "--prompt")]
+    path = args.prompts or meta.get("test_prompts")
+    if not path:
+        raise UserError("the checkpoint's data has no test prompts (prepare.py found no T2I_test.text.tsv): "
+                        "pass --prompts FILE.tsv or --prompt TEXT")
+    if not Path(path).is_file():
+        hint = " (--prompts)" if args.prompts else ", recorded by prepare.py, no longer exists: pass --prompts FILE.tsv"
+        raise UserError(f"{path}: no such prompts file{hint}")
     prompts: list[Prompt] = []
     first_line: dict[str, int] = {}
     for row in read_text_tsv(path):
@@ -69,10 +75,9 @@ def read_prompts(path: str, report: Report) -> list[Prompt]:
         if row.error is not None and row.error.reason in LINE_ERRORS:
             report.warn(where, "skipped line", str(row.error))
             continue
-        if row.error is not None and row.error.reason != "empty caption":
-            report.warn(where, row.error.reason, f"{row.img_id} is drawn unconditionally")
-        elif not has_text(row.caption):
-            report.warn(where, "empty caption", f"{row.img_id} is drawn unconditionally")
+        if row.error is not None or not has_text(row.caption):
+            reason = "empty caption" if row.error is None else row.error.reason
+            report.warn(where, reason, f"{row.img_id} is drawn unconditionally")
         if row.img_id in first_line:
             report.warn(where, "duplicate img_id",
                         f"{row.img_id} (first at line {first_line[row.img_id]}); each line gets its own picture")
@@ -127,7 +132,7 @@ def _run(args: argparse.Namespace, out: BinaryIO, pool: ProcessPoolExecutor | No
     if compile:
         check_compiler(device)
     pipe = load_pipeline(args.ckpt, device, pick_dtype(device, args.dtype), args.vqgan_ckpt, args.data_dir, report)
-    prompts = resolve_prompts(args, pipe.ckpt.get("meta") or {}, report)
+    prompts = read_prompts(args, pipe.ckpt.get("meta") or {}, report)
     ids, counts = pipe.caption_ids([p.caption for p in prompts])
     text_len = pipe.model.config.text_len
     for prompt, count in zip(prompts, counts, strict=True):
@@ -135,13 +140,11 @@ def _run(args: argparse.Namespace, out: BinaryIO, pool: ProcessPoolExecutor | No
             report.warn(prompt.where, "caption truncated",
                         f"{prompt.img_id}: {count} tokens, the model reads the first {text_len}")
     n, batch_size = len(prompts), min(args.batch_size, len(prompts))
-    scorer = load_ranker(args.scorer, pipe, args.ckpt) if args.scorer and args.candidates > 1 else None
     sampler = pipe.sampler(batch_size * args.candidates, args.cfg_scale, args.temperature, args.top_k, args.top_p,
                            compile)
     native = pipe.model.config.grid_rows * pipe.vq.downsample_factor
     size = args.image_size or None
-    ranked_by = "the scorer" if scorer else "likelihood"
-    best_of = f", best of {args.candidates} by {ranked_by}" if args.candidates > 1 else ""
+    best_of = f", best of {args.candidates} by likelihood" if args.candidates > 1 else ""
     resize = f" resized to {size} px" if size and size != native else ""
     print(f"generate: {n} prompts, {pipe.model.num_params() / 1e6:.1f}M parameters, {native} px pictures{resize}, "
           f"{args.format}, batch {batch_size}, cfg {args.cfg_scale}{best_of}, {device}, "
@@ -154,7 +157,7 @@ def _run(args: argparse.Namespace, out: BinaryIO, pool: ProcessPoolExecutor | No
     loaded = time.perf_counter()
 
     def jobs():
-        batches = pipe.draw(ids, row_keys(args.seed, range(n), args.candidates), sampler, scorer)
+        batches = pipe.draw(ids, row_keys(args.seed, range(n), args.candidates), sampler)
         pictures = (picture for batch in batches for picture in batch)
         for prompt, picture, name in zip(prompts, pictures, names, strict=True):
             if args.grid and len(grid) < args.grid_count:
@@ -186,23 +189,8 @@ def _run(args: argparse.Namespace, out: BinaryIO, pool: ProcessPoolExecutor | No
     return summary
 
 
-def resolve_prompts(args: argparse.Namespace, meta: dict, report: Report) -> list[Prompt]:
-    if args.prompt is not None:
-        if not has_text(args.prompt):
-            report.warn("--prompt", "empty caption", "drawn unconditionally")
-        return [Prompt("prompt", args.prompt.strip(), "--prompt")]
-    path = args.prompts or meta.get("test_prompts")
-    if not path:
-        raise UserError("the checkpoint's data has no test prompts (prepare.py found no T2I_test.text.tsv): "
-                        "pass --prompts FILE.tsv or --prompt TEXT")
-    if not Path(path).is_file():
-        hint = " (--prompts)" if args.prompts else ", recorded by prepare.py, no longer exists: pass --prompts FILE.tsv"
-        raise UserError(f"{path}: no such prompts file{hint}")
-    return read_prompts(path, report)
-
-
 def check_args(args: argparse.Namespace) -> None:
-    # A missing --ckpt or --prompts file is reported by load_pipeline and resolve_prompts.
+    # A missing --ckpt or --prompts file is reported by load_pipeline and read_prompts.
     checks = [(args.prompt is not None and args.prompts, "--prompt and --prompts exclude each other"),
               (args.batch_size < 1, "--batch_size must be at least 1"),
               (not 1 <= args.quality <= 100, "--quality must lie in 1..100"),
@@ -222,34 +210,26 @@ def build_parser() -> argparse.ArgumentParser:
     what = parser.add_argument_group("what to draw")
     what.add_argument("--ckpt", default=DEFAULT_CKPT, help="train.py checkpoint: best.pt holds the weights with the "
                       "lowest val loss, ckpt.pt the last state (default: %(default)s)")
-    what.add_argument("--prompts", default=None,
-                      help="TSV of `img_id<TAB>caption` lines (default: the T2I_test.text.tsv prepare.py recorded)")
-    what.add_argument("--prompt", default=None, help="one caption instead of a file; its line has img_id `prompt`")
-    what.add_argument("--vqgan_ckpt", default=None,
-                      help="VQGAN to decode with (default: the one prepare.py encoded the data with)")
-    what.add_argument("--data_dir", default=None,
-                      help="prepare.py output dir holding the tokenizer's vocab.txt (default: the checkpoint's)")
+    what.add_argument("--prompts", help="TSV of `img_id<TAB>caption` lines (default: prepare.py's test prompts)")
+    what.add_argument("--prompt", help="one caption instead of a file; its line has img_id `prompt`")
+    what.add_argument("--vqgan_ckpt", help="VQGAN to decode with (default: the one prepare.py encoded the data with)")
+    what.add_argument("--data_dir", help="prepare.py's output dir, with the tokenizer (default: the checkpoint's)")
     sampling = add_sampling_flags(parser)
     sampling.add_argument("--batch_size", type=int, default=32,
                           help="captions sampled together; raise it on a GPU, e.g. 256 (default: %(default)s)")
-    sampling.add_argument("--compile", default=None, choices=["true", "false"],
-                          help="compile the decode step (on CUDA replayed as a CUDA graph); the first batch waits "
-                          "for the compilation (default: true on CUDA, false elsewhere)")
+    sampling.add_argument("--compile", choices=["true", "false"], help="compile the decode step (replayed as a CUDA "
+                          "graph on CUDA); the first batch waits for it (default: true on CUDA, false elsewhere)")
     output = parser.add_argument_group("output")
-    output.add_argument("--image_size", type=int, default=OUTPUT_SIZE,
-                        help="side of the written pictures; pictures the VQGAN decodes at another size (the 64 px "
-                        "demo) are resized with Lanczos; 0 keeps the VQGAN's own size (default: %(default)s)")
+    output.add_argument("--image_size", type=int, default=OUTPUT_SIZE, help="side of the written pictures, resized "
+                        "with Lanczos from the VQGAN's (64 px in the demo); 0 keeps the VQGAN's (default: %(default)s)")
     output.add_argument("--format", default="png", choices=["png", "jpeg"], help="image format (default: png)")
     output.add_argument("--quality", type=int, default=95, help="JPEG quality (default: %(default)s)")
-    output.add_argument("--num_workers", type=int, default=os.cpu_count() or 1,
-                        help="processes encoding the pictures; 0 encodes in the main process (default: the CPU "
-                        "cores, %(default)s here)")
-    output.add_argument("--out_dir", default=None, help="also save every picture there as <img_id>.png (or .jpg)")
-    output.add_argument("--grid", default=None, help="also save a contact sheet of the first pictures with their "
-                        "captions, e.g. preview.png")
+    output.add_argument("--num_workers", type=int, default=os.cpu_count() or 1, help="processes encoding the "
+                        "pictures; 0 encodes in the main process (default: the CPU cores, %(default)s here)")
+    output.add_argument("--out_dir", help="also save every picture there as <img_id>.png (or .jpg)")
+    output.add_argument("--grid", help="also save a contact sheet of the first pictures and captions, e.g. preview.png")
     output.add_argument("--grid_count", type=int, default=16, help="pictures on the contact sheet (default: 16)")
-    output.add_argument("--grid_font", default=None,
-                        help="font file for the captions on the sheet (default: a system font with Chinese glyphs)")
+    output.add_argument("--grid_font", help="font file for the sheet (default: a system font with Chinese glyphs)")
     return parser
 
 

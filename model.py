@@ -35,8 +35,7 @@ class GPTConfig:
     text_len: int = 64
     text_encoder: str = ""  # a Hugging Face name or folder: the pretrained encoder of prepare's --text_tokenizer
     text_vocab_size: int = 0  # the size of the char vocab of a from-scratch encoder
-    # The encoder's own transformers config, filled in when the model is built. Keeping it here rebuilds the
-    # model from a checkpoint without the network or the Hugging Face cache.
+    # The encoder's transformers config, filled in when built: a checkpoint rebuilds the model offline from it.
     text_config: dict | None = None
     # the model (the defaults are the CPU demo's size; config/ has the real recipes)
     n_layer: int = setting(4, "transformer blocks")
@@ -72,27 +71,32 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> GPTConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"unknown model settings {unknown}")
         return cls(**values)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# text encoder
 
 
 def build_text_encoder(config: GPTConfig) -> nn.Module:
     """The caption encoder, filling in `config.text_config`: a checkpoint's text_config rebuilds it offline (the
     weights come from the state dict), else a named encoder loads pretrained, an unnamed one is a small BERT."""
     from transformers import AutoConfig, AutoModel, BertConfig
+    from transformers.utils import logging as hf_logging
 
     if config.text_config is not None:
         values = dict(config.text_config)
         encoder = AutoModel.from_config(AutoConfig.for_model(values.pop("model_type"), **values))
     elif config.text_encoder:
-        encoder = _load_pretrained(config.text_encoder)
+        # Its load report lists the pooler we drop as missing, which would only confuse.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            encoder = AutoModel.from_pretrained(config.text_encoder, dtype=torch.float32)
+        except OSError as e:
+            where = "folder" if os.path.isdir(config.text_encoder) else "Hugging Face name (is it downloaded?)"
+            raise ValueError(f"cannot load the text encoder {config.text_encoder!r} as a {where}: {e}") from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
     else:
         if config.text_vocab_size < 1:
             raise ValueError("text_vocab_size must be set for a from-scratch text encoder (meta.json has it)")
@@ -110,40 +114,17 @@ def build_text_encoder(config: GPTConfig) -> nn.Module:
     return encoder
 
 
-def _load_pretrained(name: str) -> nn.Module:
-    from transformers import AutoModel
-    from transformers.utils import logging as hf_logging
-
-    # Its load report lists the pooler we drop as missing, which would only confuse.
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        return AutoModel.from_pretrained(name, dtype=torch.float32)
-    except OSError as e:
-        where = "folder" if os.path.isdir(name) else "Hugging Face name (is it downloaded?)"
-        raise ValueError(f"cannot load the text encoder {name!r} as a {where}: {e}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-
-
-def _encoder_layers(encoder: nn.Module) -> nn.ModuleList:
-    for path in ("encoder.layer", "encoder.layers", "layers", "transformer.layer"):
-        module: Any = encoder
-        for name in path.split("."):
-            module = getattr(module, name, None)
-        if isinstance(module, nn.ModuleList):
-            return module
-    raise ValueError(
-        f"cannot find the layers of {type(encoder).__name__}; use text_finetune_layers 0 (frozen) or -1 (all)"
-    )
-
-
 def set_text_finetuning(encoder: nn.Module, finetune_layers: int) -> None:
     """Freeze a pretrained encoder except its top `finetune_layers` layers (-1: train all of it)."""
     encoder.requires_grad_(finetune_layers < 0)
     if finetune_layers > 0:
-        for layer in _encoder_layers(encoder)[-finetune_layers:]:
-            layer.requires_grad_(True)
+        modules = dict(encoder.named_modules())
+        candidates = [modules.get(path) for path in ("encoder.layer", "encoder.layers", "layers", "transformer.layer")]
+        layers = next((module for module in candidates if isinstance(module, nn.ModuleList)), None)
+        if layers is None:
+            raise ValueError(f"cannot find the layers of {type(encoder).__name__}; use text_finetune_layers 0 "
+                             "(frozen) or -1 (all)")
+        layers[-finetune_layers:].requires_grad_(True)
 
 
 def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -151,21 +132,6 @@ def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     built once per batch, it lets SDPA pick its fused kernels, which a boolean mask can rule out."""
     bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
     return bias[:, None, None, :]
-
-
-def compute_dtype(reference: torch.Tensor) -> torch.dtype:
-    """The dtype that matmuls run in here: autocast's when it is on, else the tensor's own."""
-    device = reference.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else reference.dtype
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the GPT
-
-
-# What a block's self-attention needs to decode one token with the static cache: a KVCache's keys and values,
-# the position being decoded [1] and the slots written so far, this one included [1, block_size] bool.
-DecodeCache = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class SelfAttention(nn.Module):
@@ -177,15 +143,15 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: DecodeCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.qkv(x).split(C, 2))
         if cache is None:
             dropout = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         else:
-            # One new token: its keys and values go into the static cache at `pos`, and it attends to every
-            # slot written so far; the slots after it hold stale values and are masked out.
+            # One new token at `pos` [1]: its keys and values go into the static cache (a KVCache's), and it
+            # attends to the slots written so far, `visible` [1, block_size]; later slots hold stale values.
             cache_k, cache_v, pos, visible = cache
             cache_k.index_copy_(2, pos, k)
             cache_v.index_copy_(2, pos, v)
@@ -206,21 +172,18 @@ class CrossAttention(nn.Module):
     def text_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the text [B, n_head, L, head_dim]; sampling computes them once per prompt."""
         B, L, C = context.shape
-        k, v = self.kv(context).split(C, 2)
-        return tuple(t.view(B, L, self.n_head, C // self.n_head).transpose(1, 2) for t in (k, v))
+        return tuple(t.view(B, L, self.n_head, C // self.n_head).transpose(1, 2) for t in self.kv(context).split(C, 2))
 
     def forward(self, x: torch.Tensor, text_kv: tuple[torch.Tensor, torch.Tensor], text_bias: torch.Tensor,
                 null_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """`null_kv` (sampling with guidance): rows past those of `text_kv` are the unconditional stream, and
-        attend to the null caption's keys and values, held once for all of them rather than once per row."""
+        """`null_kv` (guidance): the rows past those of `text_kv`, the unconditional stream of one query each, read
+        the null caption's keys and values as one row of B queries: the caption is held once, not B times."""
         B, T, C = x.shape
         q = self.q(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         dropout = self.dropout if self.training else 0.0
         rows = text_kv[0].shape[0]
         y = F.scaled_dot_product_attention(q[:rows], *text_kv, attn_mask=text_bias, dropout_p=dropout)
         if null_kv is not None:
-            # Each unconditional row has one query (T == 1): laid out as one row of B queries, they all read
-            # the single null caption without copying it B times.
             y_null = F.scaled_dot_product_attention(q[rows:].transpose(0, 2), *null_kv).transpose(0, 2)
             y = torch.cat([y, y_null])
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
@@ -248,8 +211,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, text_kv: tuple[torch.Tensor, torch.Tensor], text_bias: torch.Tensor,
-                cache: DecodeCache | None = None, null_kv: tuple[torch.Tensor, torch.Tensor] | None = None
-                ) -> torch.Tensor:
+                cache: tuple[torch.Tensor, ...] | None = None,
+                null_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         x = x + self.self_attn(self.ln_1(x), cache)
         x = x + self.cross_attn(self.ln_2(x), text_kv, text_bias, null_kv)
         return x + self.mlp(self.ln_3(x))
@@ -301,7 +264,7 @@ class GPT(CaptionModel):
     def __init__(self, config: GPTConfig):
         super().__init__(config)
         self.null_context = nn.Parameter(torch.zeros(config.text_len, config.n_embd))
-        # The extra last row is the start token that every image begins from.
+        self.start_token = config.codebook_size  # code_emb's extra last row: what every image begins from
         self.code_emb = nn.Embedding(config.codebook_size + 1, config.n_embd)
         self.row_emb = nn.Embedding(config.grid_rows, config.n_embd)
         self.col_emb = nn.Embedding(config.grid_cols, config.n_embd)
@@ -311,12 +274,6 @@ class GPT(CaptionModel):
         self.head = nn.Linear(config.n_embd, config.codebook_size, bias=False)
         init_weights(self, config.n_layer)
         nn.init.normal_(self.null_context, mean=0.0, std=0.02)
-
-    @property
-    def start_token(self) -> int:
-        return self.config.codebook_size
-
-    # --- forward ------------------------------------------------------------------------------------------
 
     def encode_text(self, text_ids: torch.Tensor, drop_caption: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -344,29 +301,27 @@ class GPT(CaptionModel):
         if self.training and self.config.cond_drop > 0:
             drop = torch.rand(B, device=codes.device) < self.config.cond_drop
         context, mask = self.encode_text(text_ids, drop)
-        text_bias = attention_bias(mask, compute_dtype(context))
+        device = codes.device.type  # the bias in the dtype that the matmuls run in: autocast's when it is on
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else context.dtype
+        text_bias = attention_bias(mask, dtype)
         start = torch.full((B, 1), self.start_token, dtype=torch.long, device=codes.device)
         x = self.embed_codes(torch.cat([start, codes[:, :-1]], dim=1), torch.arange(n_codes, device=codes.device))
         recompute = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            text_kv = block.cross_attn.text_kv(context)
-            x = checkpoint(block, x, text_kv, text_bias, use_reentrant=False) if recompute else block(
-                x, text_kv, text_bias)
+            args = (x, block.cross_attn.text_kv(context), text_bias)
+            x = checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
         logits = self.head(self.ln_f(x))
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), codes.reshape(-1))
         return logits, loss
 
     @torch.no_grad()
     def score(self, codes: torch.Tensor, text_ids: torch.Tensor, chunk: int = 16) -> torch.Tensor:
-        """Mean log-likelihood per code [B] of code grids [B, rows*cols] (or [B, rows, cols]) given their captions:
-        how typical of its title each picture is, which ranks best-of-N candidates as a scorer does. In slices,
-        as the float logits of a large codebook are large."""
-        codes = codes.flatten(1).long()
+        """Mean log-likelihood per code [B] of code grids [B, rows*cols] (or [B, rows, cols]) given their captions,
+        to rank best-of-N candidates; in slices, as the float logits of a large codebook are large."""
         scores = []
-        for i in range(0, len(codes), chunk):
-            logits, _ = self(codes[i : i + chunk], text_ids[i : i + chunk])
-            nll = F.cross_entropy(logits.float().transpose(1, 2), codes[i : i + chunk], reduction="none")
-            scores.append(-nll.mean(1))
+        for codes_chunk, text_chunk in zip(codes.flatten(1).long().split(chunk), text_ids.split(chunk), strict=True):
+            logits, _ = self(codes_chunk, text_chunk)
+            scores.append(-F.cross_entropy(logits.float().transpose(1, 2), codes_chunk, reduction="none").mean(1))
         return torch.cat(scores)
 
     def flops_per_sample(self) -> float:
@@ -405,10 +360,6 @@ def adamw(model: nn.Module, weight_decay: float, learning_rate: float, betas: tu
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# sampling
-
-
 class KVCache(nn.Module):
     """One block's self-attention keys and values [rows, n_head, block_size, head_dim]. A buffer per block:
     compiled, writing into it is in place, where a slice of one buffer for all blocks is copied whole each step."""
@@ -428,29 +379,27 @@ class Sampler(nn.Module):
                  top_k: int | None = None, top_p: float | None = None, compile: bool = False):
         super().__init__()
         self.model = model.eval()
-        cfg = model.config
-        weight = model.head.weight
+        cfg, weight = model.config, model.head.weight
         self.batch_size, self.cfg_scale = batch_size, cfg_scale
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.guided = cfg_scale not in (0.0, 1.0)
-        rows = 2 * batch_size if self.guided else batch_size
         head_dim = cfg.n_embd // cfg.n_head
 
         def buffer(name: str, *shape: int, dtype: torch.dtype = weight.dtype) -> None:
             self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=weight.device), persistent=False)
 
-        shape = (rows, cfg.n_head, cfg.block_size, head_dim)
+        shape = ((2 if self.guided else 1) * batch_size, cfg.n_head, cfg.block_size, head_dim)
         self.caches = nn.ModuleList(KVCache(shape, weight.dtype, weight.device) for _ in model.blocks)
-        buffer("text_k", cfg.n_layer, batch_size, cfg.n_head, cfg.text_len, head_dim)
-        buffer("text_v", cfg.n_layer, batch_size, cfg.n_head, cfg.text_len, head_dim)
+        for name in ("text_k", "text_v"):
+            buffer(name, cfg.n_layer, batch_size, cfg.n_head, cfg.text_len, head_dim)
         buffer("text_bias", batch_size, 1, 1, cfg.text_len)
         buffer("keys", batch_size, dtype=torch.long)
         buffer("tokens", batch_size, dtype=torch.long)
         buffer("pos", 1, dtype=torch.long)
         with torch.no_grad():
-            null = model.null_context[None]
-            self.register_buffer("null_k", torch.stack([b.cross_attn.text_kv(null)[0] for b in model.blocks]), False)
-            self.register_buffer("null_v", torch.stack([b.cross_attn.text_kv(null)[1] for b in model.blocks]), False)
+            null_kv = [block.cross_attn.text_kv(model.null_context[None]) for block in model.blocks]
+        self.register_buffer("null_k", torch.stack([k for k, _ in null_kv]), persistent=False)
+        self.register_buffer("null_v", torch.stack([v for _, v in null_kv]), persistent=False)
         self.step = self.decode_step
         if compile:
             # Without CUDA, inductor's C++ code for the CPU; the graph and its guards are the same.
@@ -458,18 +407,16 @@ class Sampler(nn.Module):
             self.step = torch.compile(self.decode_step, fullgraph=True, dynamic=False, mode=mode)
 
     def logits(self, tokens: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Float logits [batch_size, codebook_size] of the conditional stream and, when guided, of the
-        unconditional one, for the code at `pos` after `tokens` [batch_size] at pos - 1 (the start token at 0).
-        Writes this position into the caches."""
+        """Float logits [batch_size, codebook_size] of the conditional and (guided) unconditional streams for the
+        code at `pos` after `tokens` [batch_size] at pos - 1, writing this position into the caches."""
         model = self.model
         x = model.embed_codes(tokens[:, None], pos)
         if self.guided:
             x = torch.cat([x, x])
         visible = (torch.arange(model.config.block_size, device=pos.device) <= pos)[None]
-        for i, block in enumerate(model.blocks):
-            cache = (self.caches[i].k, self.caches[i].v, pos, visible)
+        for i, (block, cache) in enumerate(zip(model.blocks, self.caches, strict=True)):
             null_kv = (self.null_k[i], self.null_v[i]) if self.guided else None
-            x = block(x, (self.text_k[i], self.text_v[i]), self.text_bias, cache, null_kv)
+            x = block(x, (self.text_k[i], self.text_v[i]), self.text_bias, (cache.k, cache.v, pos, visible), null_kv)
         logits = model.head(model.ln_f(x))[:, -1].float()
         return tuple(logits.chunk(2)) if self.guided else (logits, None)
 
@@ -482,16 +429,15 @@ class Sampler(nn.Module):
 
     @torch.no_grad()
     def prefill(self, text_ids: torch.Tensor) -> None:
-        """Encode a batch of captions [batch_size, L <= text_len] into the cross-attention buffers."""
+        """Encode captions [n <= batch_size, L <= text_len] into the cross-attention buffers, padded with 0."""
         padded = torch.zeros(self.batch_size, self.model.config.text_len, dtype=torch.long, device=self.pos.device)
         if self.cfg_scale != 0:
-            padded[:, : text_ids.shape[1]] = text_ids
+            padded[: len(text_ids), : text_ids.shape[1]] = text_ids
         context, mask = self.model.encode_text(padded)
         self.text_bias.copy_(attention_bias(mask, self.text_bias.dtype))
-        for i, block in enumerate(self.model.blocks):
-            k, v = block.cross_attn.text_kv(context)
-            self.text_k[i].copy_(k)
-            self.text_v[i].copy_(v)
+        text_kv = [block.cross_attn.text_kv(context) for block in self.model.blocks]
+        self.text_k.copy_(torch.stack([k for k, _ in text_kv]))
+        self.text_v.copy_(torch.stack([v for _, v in text_kv]))
 
     @torch.no_grad()
     def sample(self, text_ids: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -501,9 +447,7 @@ class Sampler(nn.Module):
         n, cfg = len(text_ids), self.model.config
         if n > self.batch_size:
             raise ValueError(f"{n} captions, but the sampler was built for batches of {self.batch_size}")
-        full = torch.zeros(self.batch_size, text_ids.shape[1], dtype=torch.long, device=self.pos.device)
-        full[:n] = text_ids.to(full.device)
-        self.prefill(full)
+        self.prefill(text_ids)
         self.keys[:n] = keys.to(self.keys.device)
         codes = torch.empty(self.batch_size, cfg.block_size, dtype=torch.long, device=self.pos.device)
         self.tokens.fill_(self.model.start_token)
@@ -561,8 +505,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
         probs = F.softmax(sorted_logits, dim=-1)
         outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this code already reaches top_p
         outside[:, 0] = False
-        sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+        logits = logits.masked_fill(torch.zeros_like(outside).scatter(-1, order, outside), float("-inf"))
     return logits
 
 
@@ -570,25 +513,14 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 # datasheets (H100 / H200 SXM 1979, PCIe 1513, L4 242, L40S 733 TFLOPS "with sparsity", halved; A100 312) and the
 # GA102 / Ada whitepapers (RTX 3090 71, RTX 4090 165.2: half their fp16-accumulate rate). The 4070 Ti SUPER,
 # absent there, is the 4090 scaled per SM and clock: 165.2 * (66 * 2.61) / (128 * 2.52) = 88.2 (not the ~176 quoted).
-PEAK_BF16_FLOPS = (
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("RTX 4090", 165.2e12),
-    ("RTX 4070 Ti SUPER", 88.2e12),
-    ("RTX 3090", 71e12),
-)
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12,
+                   "L4": 121e12, "RTX 4090": 165.2e12, "RTX 4070 Ti SUPER": 88.2e12, "RTX 3090": 71e12}
 
 
 def peak_flops(device: torch.device) -> float | None:
     """The device's peak dense bf16 FLOP/s if it is in the table, else None (MFU is then not reported)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device).lower()
-    return next((flops for key, flops in PEAK_BF16_FLOPS if key.lower() in name), None)
+    name = torch.cuda.get_device_name(device).lower() if device.type == "cuda" else ""
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key.lower() in name), None)
 
 
 def load_model(ckpt_path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, dict]:

@@ -9,10 +9,9 @@ are skipped and listed in rejects.tsv. Everything is written into <out_dir>.part
 complete: a stopped run leaves nothing that looks finished, and the same command runs it again.
 """
 
-from __future__ import annotations
-
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import shlex
@@ -20,8 +19,9 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import closing
 from dataclasses import asdict
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -92,36 +92,32 @@ def build_parser() -> argparse.ArgumentParser:
         f"chosen by a hash of img_id (default: {DEFAULT_VAL_FRACTION}); ignored when val files exist")
     add("--batch_size", type=int, default=32, help="images per VQGAN forward pass (default: %(default)s)")
     add("--device", default=None, help="cuda, cpu, mps, cuda:1, ... (default: cuda if available)")
-    add("--num_workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)),
-        help="processes decoding and resizing images; 0 decodes in the main process (default: CPU cores - 1, at "
-        "most 8: %(default)s here)")
+    add("--num_workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)), help="processes decoding "
+        "and resizing images; 0 does it in the main process (default: CPU cores - 1, at most 8: %(default)s here)")
     add("--max_decode_mb", type=float, default=MAX_DECODE_MB, help="images that would take more memory than this "
         "to decode (about twice their pixels plus an RGB copy) are rejected as bombs (default: %(default)s)")
     return parser
 
 
 class Source(NamedTuple):
-    """A pair of image and caption files; `split` is None when rows are split by hash into train and val."""
-
+    """An image file and its captions; `split` is None when rows are split into train and val by hash."""
     img_path: Path
     text_path: Path
     split: str | None
 
 
-def find_inputs(data_dir: Path) -> tuple[list[Source], Path | None]:
+def find_inputs(data_dir: Path) -> list[Source]:
     if not data_dir.is_dir():
         raise UserError(f"{data_dir}: no such folder (--data_dir)")
     train, val = ([data_dir / name for name in names] for names in (TRAIN_FILES, VAL_FILES))
     missing = [str(p) for p in train if not p.is_file()]
     if missing:
         raise UserError(f"missing training file(s): {', '.join(missing)}")
-    present = [p.is_file() for p in val]
-    if any(present) and not all(present):
-        have, lack = (val[0], val[1]) if present[0] else (val[1], val[0])
+    has_val = [p.is_file() for p in val]
+    if has_val[0] != has_val[1]:
+        have, lack = val if has_val[0] else val[::-1]
         raise UserError(f"{have} exists but {lack} does not: the val split needs both")
-    sources = [Source(*train, "train"), Source(*val, "val")] if all(present) else [Source(*train, None)]
-    test = data_dir / TEST_FILE
-    return sources, test.resolve() if test.is_file() else None
+    return [Source(*train, "train"), Source(*val, "val")] if has_val[0] else [Source(*train, None)]
 
 
 def held_out(img_id: str, fraction: float) -> bool:
@@ -132,7 +128,6 @@ def held_out(img_id: str, fraction: float) -> bool:
 
 class Row(NamedTuple):
     """An image-file row on its way through the decoders, in file order."""
-
     line_no: int
     img_id: str
     field: bytes | None  # base64; None when the row is already rejected
@@ -142,11 +137,11 @@ class Row(NamedTuple):
     error: BadRowError | None
 
 
-def plan_rows(source: Source, captions: dict[str, TextRow], val_fraction: float, kept_before: set[str]
+def plan_rows(source: Source, captions: dict[str, TextRow], val_fraction: float | None, kept_before: set[str]
               ) -> Iterator[Row]:
-    """Read image rows and decide from the ids alone what can be rejected before decoding. Captions are
-    taken out of `captions` as their images claim them; `kept_before` holds the img_ids earlier sources put
-    in the outputs (a val file repeating one of them would score pictures the model trained on)."""
+    """Image rows, rejected from their ids alone where they can be before decoding. Captions are taken out of
+    `captions` as their images claim them; `kept_before` holds the img_ids earlier sources kept (a val file
+    repeating one of them would score pictures the model trained on)."""
     text_name, seen = source.text_path.name, {}
     for row in read_tsv(source.img_path):
         error, caption = row.error, None
@@ -173,26 +168,12 @@ def decode_rows(rows: list[Row], size: int, resize: str, max_decode_mb: float) -
     """Runs in a worker: each row with its square uint8 image, or with the reason it has none in `error`."""
     results = []
     for row in rows:
-        image = None
-        if row.error is None:
-            try:
-                image = image_from_base64(row.field, size, resize, max_decode_mb)
-            except BadRowError as e:
-                row = row._replace(error=e)
+        try:
+            image = None if row.error else image_from_base64(row.field, size, resize, max_decode_mb)
+        except BadRowError as e:
+            image, row = None, row._replace(error=e)
         results.append((row._replace(field=None), image))  # the base64 need not travel back
     return results
-
-
-def decoded(rows: Iterable[Row], pool: ProcessPoolExecutor | None, args: argparse.Namespace
-            ) -> Iterator[tuple[Row, np.ndarray | None]]:
-    """(row, image) in file order, decoded by the workers with a bounded number of rows in flight."""
-    workers = max(1, args.num_workers)
-    chunk = max(1, min(16, args.batch_size // workers))
-    jobs = ((rows, args.image_size, args.resize, args.max_decode_mb) for rows in batched(rows, chunk))
-    # Enough rows in flight to fill the next batch while the VQGAN encodes this one.
-    window = -(-args.batch_size // chunk) + 2 * workers
-    for results in map_in_order(pool, decode_rows, jobs, window, "image decoding"):
-        yield from results
 
 
 class Outputs:
@@ -224,30 +205,35 @@ class Outputs:
 
 def encode_batch(batch: list[tuple[Row, np.ndarray]], vq: VQGAN, tokenizer, args: argparse.Namespace,
                  out: Outputs) -> None:
+    rows = [row for row, _ in batch]
     pixels = np.stack([image for _, image in batch])
-    captions = [row.caption for row, _ in batch]
-    tokens, counts = tokenize_captions(tokenizer, captions, args.text_len)
+    tokens, counts = tokenize_captions(tokenizer, [row.caption for row in rows], args.text_len)
     out.token_counts.update(counts.tolist())
-    codes = vq.encode(images_to_tensor(pixels)).reshape(len(batch), -1).cpu().numpy()
+    codes = vq.encode(images_to_tensor(pixels)).reshape(len(rows), -1).cpu().numpy()
     for split in SPLITS:
-        rows = [i for i, (row, _) in enumerate(batch) if row.split == split]
-        if rows:
-            out.append(split, codes[rows], tokens[rows], [batch[i][0].img_id for i in rows])
-    flipped = [i for i, (row, _) in enumerate(batch) if row.split == "train"] if args.flip else []
-    if flipped:
-        codes = vq.encode(images_to_tensor(np.ascontiguousarray(pixels[flipped, :, ::-1])))
-        out.append("train", codes.reshape(len(flipped), -1).cpu().numpy(), tokens[flipped],
-                   [batch[i][0].img_id + FLIP_SUFFIX for i in flipped])
+        keep = [i for i, row in enumerate(rows) if row.split == split]
+        out.append(split, codes[keep], tokens[keep], [rows[i].img_id for i in keep])
+    train = [i for i, row in enumerate(rows) if row.split == "train"]
+    if args.flip and train:
+        codes = vq.encode(images_to_tensor(np.ascontiguousarray(pixels[train, :, ::-1])))
+        out.append("train", codes.reshape(len(train), -1).cpu().numpy(), tokens[train],
+                   [rows[i].img_id + FLIP_SUFFIX for i in train])
 
 
-def prepare_source(source: Source, captions: dict[str, TextRow], text_rejects: list, val_fraction: float,
+def prepare_source(source: Source, captions: dict[str, TextRow], text_rejects: list, val_fraction: float | None,
                    vq: VQGAN, tokenizer, pool: ProcessPoolExecutor | None, args: argparse.Namespace, out: Outputs,
                    bar) -> None:
     img_name, text_name = source.img_path.name, source.text_path.name
     for line_no, img_id, error in text_rejects:
         out.reject(text_name, line_no, img_id, error)
+    workers = max(1, args.num_workers)
+    chunk = max(1, min(16, args.batch_size // workers))
+    rows = plan_rows(source, captions, val_fraction, set(out.kept_ids))
+    jobs = ((rows, args.image_size, args.resize, args.max_decode_mb) for rows in batched(rows, chunk))
+    # Enough rows in flight to fill the next batch while the VQGAN encodes this one.
+    window = -(-args.batch_size // chunk) + 2 * workers
     batch: list[tuple[Row, np.ndarray]] = []
-    for row, image in decoded(plan_rows(source, captions, val_fraction, set(out.kept_ids)), pool, args):
+    for row, image in itertools.chain.from_iterable(map_in_order(pool, decode_rows, jobs, window, "image decoding")):
         if row.error is not None:
             out.reject(img_name, row.line_no, row.img_id, row.error)
             if row.text_line:
@@ -266,9 +252,29 @@ def prepare_source(source: Source, captions: dict[str, TextRow], text_rejects: l
             out.reject(text_name, caption.line_no, img_id, BadRowError("no image row", f"img_id not in {img_name}"))
 
 
-def settings_of(args: argparse.Namespace, sources: list[Source], tokenizer: str, val_fraction: float | None) -> dict:
-    """Everything that decides the output bytes; an out_dir prepared with other settings is not reused."""
-    return {
+def prepare(args: argparse.Namespace, command: str) -> dict:
+    """Prepare `args.out_dir` unless it already holds the same preparation; returns meta.json's contents."""
+    if args.val_fraction is not None and not 0.0 <= args.val_fraction <= 1.0:
+        raise UserError(f"--val_fraction must be within [0, 1], got {args.val_fraction}")
+    for name in ("image_size", "text_len", "batch_size", "max_decode_mb"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.text_len < 3:
+        raise UserError("--text_len must leave room for [CLS], a token and [SEP] (at least 3)")
+    if not Path(args.vqgan_ckpt).is_file():
+        raise UserError(f"{args.vqgan_ckpt}: no such VQGAN checkpoint (--vqgan_ckpt)")
+    out_dir = Path(args.out_dir)
+    sources = find_inputs(Path(args.data_dir))
+    val_fraction = DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction
+    if len(sources) == 2:  # the val files are the val split
+        if args.val_fraction is not None:
+            print(f"prepare: --val_fraction ignored: {VAL_FILES[0]} is the val split", file=sys.stderr)
+        val_fraction = None
+    tokenizer = args.text_tokenizer or VOCAB_FILE
+    if args.text_tokenizer and Path(tokenizer).exists():  # a local folder: by its full path
+        tokenizer = str(Path(tokenizer).resolve())
+    # Everything that decides the output bytes; an out_dir prepared with other settings is not reused.
+    settings = {
         "data_dir": str(Path(args.data_dir).resolve()),
         "inputs": {p.name: [p.stat().st_size, p.stat().st_mtime_ns]
                    for source in sources for p in (source.img_path, source.text_path)},
@@ -281,43 +287,14 @@ def settings_of(args: argparse.Namespace, sources: list[Source], tokenizer: str,
         "val_fraction": val_fraction,
         "max_decode_mb": args.max_decode_mb,
     }
-
-
-def check_args(args: argparse.Namespace) -> None:
-    if args.val_fraction is not None and not 0.0 <= args.val_fraction <= 1.0:
-        raise UserError(f"--val_fraction must be within [0, 1], got {args.val_fraction}")
-    for name in ("image_size", "text_len", "batch_size", "max_decode_mb"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
-    if args.text_len < 3:
-        raise UserError("--text_len must leave room for [CLS], a token and [SEP] (at least 3)")
-    if not Path(args.vqgan_ckpt).is_file():
-        raise UserError(f"{args.vqgan_ckpt}: no such VQGAN checkpoint (--vqgan_ckpt)")
-
-
-def prepare(args: argparse.Namespace, command: str) -> dict:
-    """Prepare `args.out_dir` unless it already holds the same preparation; returns meta.json's contents."""
-    check_args(args)
-    out_dir = Path(args.out_dir)
-    sources, test_prompts = find_inputs(Path(args.data_dir))
-    if len(sources) == 2 and args.val_fraction is not None:
-        print(f"prepare: --val_fraction ignored: {VAL_FILES[0]} is the val split", file=sys.stderr)
-    val_fraction = DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction
-    if len(sources) == 2:
-        val_fraction = None  # the val files are the val split
-    tokenizer_spec = VOCAB_FILE
-    if args.text_tokenizer:
-        local = Path(args.text_tokenizer)
-        tokenizer_spec = str(local.resolve()) if local.exists() else args.text_tokenizer
-    settings = settings_of(args, sources, tokenizer_spec, val_fraction)
     if (out_dir / "meta.json").is_file():
         try:
             done = json.loads((out_dir / "meta.json").read_text(encoding="utf-8"))
         except ValueError as e:  # not JSON, or not UTF-8
             raise UserError(f"{out_dir / 'meta.json'} is not valid JSON ({e}): delete {out_dir}, or pick another "
                             "--out_dir") from None
-        changed = sorted(k for k in settings.keys() | done.get("settings", {}).keys()
-                         if settings.get(k) != done.get("settings", {}).get(k))
+        before = done.get("settings", {})
+        changed = sorted(k for k in settings.keys() | before.keys() if settings.get(k) != before.get(k))
         if changed:
             raise UserError(f"{out_dir} was prepared with other settings or inputs (changed: {', '.join(changed)}); "
                             "delete it, or pick another --out_dir")
@@ -330,7 +307,7 @@ def prepare(args: argparse.Namespace, command: str) -> dict:
     partial.mkdir(parents=True)
     pool = process_pool(args.num_workers)  # before torch runs anything, see process_pool
     try:
-        meta = _prepare(args, sources, test_prompts, settings, partial, pool, command)
+        meta = _prepare(args, sources, settings, partial, pool, command)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)  # a full disk is the likeliest reason: give the space back
         raise
@@ -346,42 +323,36 @@ def prepare(args: argparse.Namespace, command: str) -> dict:
     return meta
 
 
-def _prepare(args: argparse.Namespace, sources: list[Source], test_prompts: Path | None, settings: dict,
-             folder: Path, pool: ProcessPoolExecutor | None, command: str) -> dict:
+def _prepare(args: argparse.Namespace, sources: list[Source], settings: dict, folder: Path,
+             pool: ProcessPoolExecutor | None, command: str) -> dict:
     started = time.perf_counter()
     vq = load_vqgan(args.vqgan_ckpt, pick_device(args.device))
     if args.image_size % vq.downsample_factor:
         raise UserError(f"--image_size {args.image_size} is not a multiple of the VQGAN's {vq.downsample_factor}")
     if vq.codebook_size > 65536:
         raise UserError(f"{args.vqgan_ckpt}: {vq.codebook_size} codes do not fit in uint16")
-    first_captions, first_rejects = read_captions(sources[0].text_path)
-    if settings["tokenizer"] == VOCAB_FILE:
-        val_fraction = settings["val_fraction"] or 0.0
-        training = [c.caption for img_id, c in first_captions.items()
-                    if c.error is None and (sources[0].split == "train" or not held_out(img_id, val_fraction))]
+    captions = [read_captions(source.text_path) for source in sources]
+    val_fraction = settings["val_fraction"]
+    if settings["tokenizer"] == VOCAB_FILE:  # the characters of the training captions, held-out rows left out
+        training = [c.caption for img_id, c in captions[0][0].items()
+                    if c.error is None and not (val_fraction and held_out(img_id, val_fraction))]
         write_vocab(build_char_vocab(training), folder / VOCAB_FILE)
     tokenizer = load_tokenizer(settings["tokenizer"], folder)
-    out = Outputs(folder)
-    try:
-        with progress(None, "prepare", "rows") as bar:
-            for source in sources:
-                first = source is sources[0]
-                captions, rejects = (first_captions, first_rejects) if first else read_captions(source.text_path)
-                prepare_source(source, captions, rejects, settings["val_fraction"] or 0.0, vq, tokenizer, pool, args,
-                               out, bar)
-            rows_read = bar.n
-    finally:
-        out.close()
+    with closing(Outputs(folder)) as out, progress(None, "prepare", "rows") as bar:
+        for source, (source_captions, text_rejects) in zip(sources, captions, strict=True):
+            prepare_source(source, source_captions, text_rejects, val_fraction, vq, tokenizer, pool, args, out, bar)
+        rows_read = bar.n
     if out.rows["train"] == 0:
         raise UserError(f"no usable training rows: every row was rejected ({dict(out.rejects)}; the rows are listed in "
                         f"{folder / REJECTS_FILE}, removed with the rest)")
     if out.rows["val"] == 0:
         print("prepare: warning: the val split is empty; train.py will have no val loss", file=sys.stderr)
     seconds = time.perf_counter() - started
-    grid = args.image_size // vq.downsample_factor
+    test_prompts = Path(args.data_dir) / TEST_FILE
+    lengths = np.fromiter(out.token_counts.elements(), dtype=np.int64)  # of every kept caption, in tokens
     return {
         "image_size": args.image_size,
-        "code_grid": [grid, grid],
+        "code_grid": [args.image_size // vq.downsample_factor] * 2,
         "codebook_size": vq.codebook_size,
         "text_len": args.text_len,
         "tokenizer": settings["tokenizer"],
@@ -392,11 +363,12 @@ def _prepare(args: argparse.Namespace, sources: list[Source], test_prompts: Path
         "vqgan_config": asdict(vq.config),
         "resize": args.resize,
         "splits": {split: {"rows": out.rows[split]} for split in SPLITS},
-        "val_split": "held out by img_id hash" if settings["val_fraction"] is not None else "val files",
-        "test_prompts": str(test_prompts) if test_prompts else None,
+        "val_split": "held out by img_id hash" if val_fraction is not None else "val files",
+        "test_prompts": str(test_prompts.resolve()) if test_prompts.is_file() else None,
         "rejects": dict(sorted(out.rejects.items())),
-        "captions_truncated": sum(n for length, n in out.token_counts.items() if length > args.text_len),
-        "caption_tokens": token_stats(out.token_counts),
+        "captions_truncated": int((lengths > args.text_len).sum()),
+        "caption_tokens": {"mean": round(float(lengths.mean()), 2), "p50": int(np.percentile(lengths, 50)),
+                           "p95": int(np.percentile(lengths, 95)), "max": int(lengths.max())},
         "data_dir": settings["data_dir"],
         "settings": settings,
         "rows_read": rows_read,
@@ -409,25 +381,15 @@ def _prepare(args: argparse.Namespace, sources: list[Source], test_prompts: Path
     }
 
 
-def token_stats(counts: Counter) -> dict:
-    if not counts:
-        return {}
-    lengths = np.repeat(np.array(sorted(counts)), [counts[k] for k in sorted(counts)])
-    return {"mean": round(float(lengths.mean()), 2), "p50": int(np.percentile(lengths, 50)),
-            "p95": int(np.percentile(lengths, 95)), "max": int(lengths.max())}
-
-
 def print_summary(meta: dict, out_dir: Path) -> None:
-    splits, rejects, tokens = meta["splits"], meta["rejects"], meta["caption_tokens"]
+    splits, rejects, tokens, memory = meta["splits"], meta["rejects"], meta["caption_tokens"], meta["peak_memory_gib"]
     lines = [f"prepare: {meta['rows_read']} image rows in {meta['seconds']:.1f} s; kept train "
              f"{splits['train']['rows']}, val {splits['val']['rows']}; {sum(rejects.values())} rejected lines "
              f"(listed in {REJECTS_FILE})"]
     lines += [f"  {count:8d}  {reason}" for reason, count in sorted(rejects.items(), key=lambda kv: -kv[1])]
-    if tokens:
-        lines.append(f"  caption tokens: p50 {tokens['p50']}, p95 {tokens['p95']}, max {tokens['max']}; "
-                     f"{meta['captions_truncated']} cut to {meta['text_len']}")
-    memory = meta["peak_memory_gib"]
-    if memory.get("main"):
+    lines.append(f"  caption tokens: p50 {tokens['p50']}, p95 {tokens['p95']}, max {tokens['max']}; "
+                 f"{meta['captions_truncated']} cut to {meta['text_len']}")
+    if memory.get("main"):  # not measured on Windows
         lines.append(f"  peak memory: main process {memory['main']:.2f} GiB, largest worker "
                      f"{memory['workers'] or 0:.2f} GiB")
     lines.append(f"  outputs in {out_dir}")

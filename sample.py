@@ -2,14 +2,11 @@
 batch after batch by the static-cache sampler and decoded to pixels, PNG bytes and contact sheets.
 generate.py, evaluate.py and app.py all draw through here."""
 
-from __future__ import annotations
-
 import argparse
 import copy
 import io
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -23,16 +20,13 @@ from PIL import Image, ImageDraw, ImageFont
 from transformers import PreTrainedTokenizerBase
 
 from model import GPT, Sampler, load_model, row_keys
-from scorer import Scorer, load_scorer
 from text import has_text, load_tokenizer, tokenize_captions
 from utils import Report, UserError, pick_dtype, sha256_file
 from vqgan import VQGAN, load_vqgan, tensor_to_images
 
 DEFAULT_CKPT = "out/best.pt"
-# Chosen with `evaluate.py --demo --sweep` (BENCHMARKS.md, "Sampling settings of the 4 × 128 GPT"): guidance 2
-# and temperature 0.7 drew the demo's colours and categories best. Best of 4 by the GPT's own likelihood adds two or
-# three points of category at about three times the sampling time ("Best-of-N on the 4 × 128 GPT"): make demo
-# uses it; one candidate stays the default, as what ranking does to MUGE's FID is not measured.
+# Chosen with `evaluate.py --demo --sweep` (BENCHMARKS.md, "Sampling settings of the 4 × 128 GPT"). make demo draws
+# the best of 4 ("Best-of-N on the 4 × 128 GPT"), but its effect on MUGE's FID is not measured: 1 stays the default.
 DEFAULT_CFG_SCALE = 2.0
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_CANDIDATES = 1
@@ -69,20 +63,18 @@ class Pipeline:
                 top_k: int | None = None, top_p: float | None = None, compile: bool = False) -> Sampler:
         return Sampler(self.model, batch_size, cfg_scale, temperature, top_k, top_p, compile)
 
-    def draw(self, text_ids: np.ndarray, keys: torch.Tensor, sampler: Sampler, scorer: Scorer | GPT | None = None
-             ) -> Iterator[np.ndarray]:
+    def draw(self, text_ids: np.ndarray, keys: torch.Tensor, sampler: Sampler) -> Iterator[np.ndarray]:
         """uint8 pictures [b, H, W, 3], batch after batch, for captions `text_ids` [N, L] drawn with `keys`
-        [N, candidates] (model.row_keys); of several candidates, drawn in one batch, the one `scorer` ranks highest
-        (without one, the GPT's own likelihood of it) is kept. Adds the seconds spent to `timings`."""
+        [N, candidates] (model.row_keys); of several candidates, drawn in one batch, the one the GPT finds likeliest
+        for its caption is kept. Adds the seconds spent to `timings`."""
         candidates = keys.shape[1]
-        scorer = self.model if scorer is None else scorer
         step = sampler.batch_size // candidates
         for start in range(0, len(text_ids), step):
             started = time.perf_counter()
             rows = torch.from_numpy(text_ids[start : start + step].astype(np.int64)).repeat_interleave(candidates, 0)
             codes = sampler.sample(rows, keys[start : start + step].flatten())
             if candidates > 1:
-                best = scorer.score(codes, rows.to(self.device)).view(-1, candidates).argmax(1)
+                best = self.model.score(codes, rows.to(self.device)).view(-1, candidates).argmax(1)
                 codes = codes.view(-1, candidates, *codes.shape[1:])[torch.arange(len(best)), best.to(codes.device)]
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -93,12 +85,11 @@ class Pipeline:
             yield pictures
 
     def draw_captions(self, captions: Sequence[str], seed: int = DEFAULT_SEED, batch_size: int = 32,
-                      candidates: int = 1, scorer: Scorer | GPT | None = None, **sampling: object
-                      ) -> Iterator[np.ndarray]:
+                      candidates: int = 1, **sampling: object) -> Iterator[np.ndarray]:
         """One uint8 picture per caption, in order: what generate.py writes for the same settings."""
         ids, _ = self.caption_ids(captions)
         sampler = self.sampler(min(batch_size, max(1, len(captions))) * candidates, **sampling)
-        for pictures in self.draw(ids, row_keys(seed, range(len(captions)), candidates), sampler, scorer):
+        for pictures in self.draw(ids, row_keys(seed, range(len(captions)), candidates), sampler):
             yield from pictures
 
     @torch.no_grad()
@@ -117,9 +108,8 @@ class Pipeline:
 def load_pipeline(ckpt_path: str | os.PathLike, device: torch.device, dtype: torch.dtype | None = None,
                   vqgan_ckpt: str | None = None, data_dir: str | None = None, report: Report | None = None
                   ) -> Pipeline:
-    """The GPT (in `dtype`: default bfloat16 on GPUs that have it), VQGAN and tokenizer of a checkpoint, found
-    where prepare.py recorded them; `vqgan_ckpt` and `data_dir` (the prepare.py output dir holding vocab.txt)
-    override that for a checkpoint that moved to another machine."""
+    """The GPT (in `dtype`: default bfloat16 on GPUs that have it), VQGAN and tokenizer of a checkpoint, found where
+    prepare.py recorded them, or at `vqgan_ckpt` and in `data_dir` (prepare.py's output, with vocab.txt) if given."""
     report = report or Report()
     if not Path(ckpt_path).is_file():
         raise UserError(f"no checkpoint at {ckpt_path}: run train.py first (it writes {DEFAULT_CKPT}), or pass --ckpt")
@@ -142,51 +132,28 @@ def load_pipeline(ckpt_path: str | os.PathLike, device: torch.device, dtype: tor
     if meta.get("vqgan_sha256") and sha256_file(path) != meta["vqgan_sha256"]:
         report.warn(str(path), "not the VQGAN the data was prepared with",
                     f"its sha256 differs from the one recorded in {ckpt_path}; pictures may come out wrong")
-    decoder = vq
-    if device.type == "cuda":
-        decoder = copy.deepcopy(vq).to(dtype=dtype, memory_format=torch.channels_last)
+    decoder = copy.deepcopy(vq).to(dtype=dtype, memory_format=torch.channels_last) if device.type == "cuda" else vq
     return Pipeline(model, vq, decoder, tokenizer, ckpt)
-
-
-def load_ranker(path: str, pipe: Pipeline, ckpt_path: str | os.PathLike) -> Scorer:
-    """A text-image scorer to rank best-of-N candidates instead of the GPT's own likelihood, checked against the
-    GPT's data."""
-    if not Path(path).is_file():
-        raise UserError(f"{path}: no such scorer (--scorer; train one with `python train.py config/scorer_demo.py`, "
-                        "or leave --scorer out to rank by the GPT's own likelihood)")
-    scorer, _ = load_scorer(path, pipe.device)
-    for name in ("codebook_size", "grid_rows", "grid_cols", "text_len", "text_vocab_size", "text_encoder"):
-        if getattr(scorer.config, name) != getattr(pipe.model.config, name):
-            raise UserError(f"the scorer {path} was trained on other data than {ckpt_path} ({name}): pass the right "
-                            "--scorer")
-    return scorer.to(pipe.model.head.weight.dtype)
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """The sampling flags generate.py and evaluate.py share, in a "sampling" group the script adds its own to."""
     group = parser.add_argument_group("sampling")
-    group.add_argument("--cfg_scale", type=float, default=DEFAULT_CFG_SCALE,
-                       help="classifier-free guidance: 1 conditional only (fastest), 0 unconditional, above 1 "
-                       "follows the caption more closely at twice the sampling cost (default: %(default)s)")
+    group.add_argument("--cfg_scale", type=float, default=DEFAULT_CFG_SCALE, help="classifier-free guidance: 0 "
+                       "ignores the caption, 1 is conditional only (fastest), above 1 follows the caption more "
+                       "closely at twice the sampling cost (default: %(default)s)")
     group.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
                        help="softmax temperature; 0 always takes the most likely code (default: %(default)s)")
-    group.add_argument("--top_k", type=int, default=None, help="sample among the k most likely codes (default: all)")
-    group.add_argument("--top_p", type=float, default=None,
-                       help="sample within the smallest set of codes holding this probability (default: off)")
-    group.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
-                       help="best-of-N: draw N pictures per caption (in the same batch) and keep the one ranked "
-                       "highest (default: %(default)s)")
-    group.add_argument("--scorer", default=None, help="a text-image scorer (train.py --model=scorer) that ranks "
-                       "best-of-N candidates (default: the GPT's own likelihood of each candidate's codes given "
-                       "its caption)")
-    group.add_argument("--seed", type=int, default=DEFAULT_SEED,
-                       help="each picture draws from the random numbers of (seed, its caption's place among the "
-                       "prompts or val rows): the same seed and flags give byte-identical pictures on the same "
-                       "machine (default: %(default)s)")
-    group.add_argument("--device", default=None, help="cuda, cuda:1, cpu, mps (default: the best there is)")
-    group.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                       help="precision of the GPT and the VQGAN decoder (default: bfloat16 on GPUs that have it, "
-                       "float32 on the CPU)")
+    group.add_argument("--top_k", type=int, help="sample among the k most likely codes (default: all)")
+    group.add_argument("--top_p", type=float, help="sample among the top codes holding this probability (default: off)")
+    group.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES, help="best-of-N: draw N pictures per "
+                       "caption in one batch, keep the one the GPT finds likeliest (default: %(default)s)")
+    group.add_argument("--seed", type=int, default=DEFAULT_SEED, help="a picture's random numbers follow from (seed, "
+                       "its caption's place): the same seed and flags give the same bytes on the same machine "
+                       "(default: %(default)s)")
+    group.add_argument("--device", help="cuda, cuda:1, cpu, mps (default: the best there is)")
+    group.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="precision of the GPT and the "
+                       "VQGAN decoder (default: bfloat16 on GPUs that have it, else float32)")
     return group
 
 
@@ -200,10 +167,6 @@ def sampling_flag_problems(args: argparse.Namespace) -> list[str]:
     return [message for failed, message in checks if failed]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# pictures
-
-
 def resized(picture: np.ndarray, size: int | None) -> Image.Image:
     image = Image.fromarray(picture)
     if size and image.size != (size, size):
@@ -215,15 +178,12 @@ def encode_picture(picture: np.ndarray, size: int | None = None, image_format: s
                    ) -> bytes:
     """PNG (lossless, no timestamp: the same pixels always give the same bytes) or JPEG at `quality`."""
     buffer = io.BytesIO()
-    if image_format == "png":
-        resized(picture, size).save(buffer, "PNG", compress_level=PNG_LEVEL)
-    else:
-        resized(picture, size).save(buffer, "JPEG", quality=quality)
+    options = {"compress_level": PNG_LEVEL} if image_format == "png" else {"quality": quality}
+    resized(picture, size).save(buffer, image_format.upper(), **options)
     return buffer.getvalue()
 
 
-# Fonts with Chinese glyphs that are often installed, tried when fontconfig finds none.
-CJK_FONT_PATHS = (
+CJK_FONT_PATHS = (  # often installed fonts with Chinese glyphs, tried when fontconfig finds none
     "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
     "/usr/share/fonts/noto-cjk/NotoSansCJK-Regular.ttc",
     "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
@@ -235,17 +195,14 @@ CJK_FONT_PATHS = (
 
 def find_cjk_font() -> str | None:
     """A font file that has Chinese glyphs: fontconfig's pick for Chinese, else a well-known path."""
-    if shutil.which("fc-list"):
-        try:
-            listing = subprocess.run(["fc-list", ":lang=zh", "file"], capture_output=True, text=True, timeout=10)
-            # Regular weights read best at small sizes.
-            files = sorted((line.split(":")[0].strip() for line in listing.stdout.splitlines() if line.strip()),
-                           key=lambda name: ("regular" not in name.lower(), name))
-            if files:
-                return files[0]
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return next((path for path in CJK_FONT_PATHS if os.path.isfile(path)), None)
+    try:
+        listing = subprocess.run(["fc-list", ":lang=zh", "file"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):  # no fontconfig
+        listing = ""
+    # Regular weights read best at small sizes.
+    found = sorted((line.split(":")[0].strip() for line in listing.splitlines() if line.strip()),
+                   key=lambda name: ("regular" not in name.lower(), name))
+    return next(iter(found + [path for path in CJK_FONT_PATHS if os.path.isfile(path)]), None)
 
 
 def write_grid(entries: Sequence[tuple[str, str, np.ndarray]], path: str | os.PathLike, font_path: str | None = None,
@@ -284,6 +241,5 @@ def _wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: 
         current += char
     lines.append(current)
     if len(lines) > most:
-        lines = lines[:most]
-        lines[-1] = lines[-1][:-1] + "…"
-    return lines
+        lines[most - 1] = lines[most - 1][:-1] + "…"
+    return lines[:most]

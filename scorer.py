@@ -1,9 +1,7 @@
 """A contrastive text-image scorer: two towers map a VQGAN code grid and a caption into one space, trained as CLIP
-is (InfoNCE both ways over the batch). It reads codes, so ranking best-of-N candidates needs no decoding; evaluate.py's
-R-precision uses it too. `python train.py --model=scorer` trains it, with GPTConfig's model settings where they apply.
+is (InfoNCE both ways over the batch). It reads code grids, not pixels: evaluate.py encodes pictures with the VQGAN
+and ranks captions for them by it (R-precision). `python train.py --model=scorer` trains it, with GPTConfig's settings.
 """
-
-from __future__ import annotations
 
 import math
 import os

@@ -1,7 +1,5 @@
-"""The text side of the data: a character vocabulary built from captions, tokenizer loading, fixed-length ids.
-Built or pretrained, the tokenizer is a BERT-style WordPiece one, so model.py's text encoder is a `BertModel`."""
-
-from __future__ import annotations
+"""Captions -> ids: a character vocabulary, tokenizer loading, fixed-length ids. Built or pretrained, the
+tokenizer is a BERT-style WordPiece one, so model.py's text encoder is a `BertModel`."""
 
 import os
 import string
@@ -18,8 +16,7 @@ VOCAB_FILE = "vocab.txt"
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # [PAD] first: id 0 is padding everywhere
 MAX_VOCAB = 65536  # ids are stored as uint16
 
-# The same normalizer and word splitter that BertTokenizerFast(do_lower_case=True) runs, so the vocabulary holds
-# exactly the pieces the tokenizer will look up.
+# BertTokenizerFast(do_lower_case=True)'s own normalizer and word splitter: the vocabulary holds the pieces it looks up.
 _NORMALIZER = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True)
 _WORD_SPLITTER = pre_tokenizers.BertPreTokenizer()
 # Always present so that prompts with letters or digits unseen in training still tokenize without [UNK].
@@ -68,21 +65,24 @@ def load_tokenizer(spec: str, data_dir: str | os.PathLike | None = None) -> PreT
     """A tokenizer from meta.json's "tokenizer" value or prepare's --text_tokenizer: "vocab.txt" (the file in
     `data_dir`), a path to a vocab.txt or a tokenizer folder, or a Hugging Face name. Padding must be id 0."""
     path = Path(data_dir) / VOCAB_FILE if spec == VOCAB_FILE and data_dir is not None else Path(spec)
+    if path.is_dir() and not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        path = path / VOCAB_FILE  # a folder with BERT's vocab.txt alone
+        if not path.is_file():
+            raise UserError(f"{path}: no such vocabulary file")
+    if spec == VOCAB_FILE and not path.exists():
+        raise UserError(f"{path}: no vocabulary file (was prepare.py run into {data_dir}?)")
+    if path.is_file() and path.name != VOCAB_FILE:
+        raise UserError(f"{path}: a vocabulary file must be named {VOCAB_FILE} (BERT's format)")
     try:
-        if path.is_file():
-            if path.name != VOCAB_FILE:
-                raise UserError(f"{path}: a vocabulary file must be named {VOCAB_FILE} (BERT's format)")
-            tokenizer = _bert_tokenizer(path)
-        elif path.is_dir():
-            has_config = (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
-            tokenizer = AutoTokenizer.from_pretrained(path) if has_config else _bert_tokenizer(path / VOCAB_FILE)
-        elif spec == VOCAB_FILE:
-            raise UserError(f"{path}: no vocabulary file (was prepare.py run into {data_dir}?)")
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(spec)
+        # A vocab.txt is loaded through its folder: transformers 5 ignores BertTokenizerFast(vocab_file=...) and
+        # silently builds an empty vocabulary, while from_pretrained(folder) reads vocab.txt in every version.
+        tokenizer = (BertTokenizerFast.from_pretrained(str(path.parent)) if path.is_file()
+                     else AutoTokenizer.from_pretrained(spec))
     except (OSError, ValueError) as e:  # what transformers raises for a name it cannot find offline
         raise UserError(f"cannot load the tokenizer {spec!r}: {str(e).splitlines()[0]} (a Hugging Face name must be "
                         "downloaded once while online; or pass a local folder)") from None
+    if path.is_file() and len(tokenizer) != len(read_vocab(path)):
+        raise UserError(f"{path}: loaded {len(tokenizer)} tokens, the file has {len(read_vocab(path))}")
     if tokenizer.pad_token_id != 0:
         raise UserError(f"tokenizer {spec!r} pads with id {tokenizer.pad_token_id}; the data format needs padding id 0 "
                         "(BERT-style tokenizers such as bert-base-chinese or chinese-roberta-wwm-ext have it)")
@@ -91,33 +91,18 @@ def load_tokenizer(spec: str, data_dir: str | os.PathLike | None = None) -> PreT
     return tokenizer
 
 
-def _bert_tokenizer(vocab_path: Path) -> PreTrainedTokenizerBase:
-    if not vocab_path.is_file():
-        raise UserError(f"{vocab_path}: no such vocabulary file")
-    # Loaded through its folder: transformers 5 ignores BertTokenizerFast(vocab_file=...) and silently builds an
-    # empty vocabulary, while from_pretrained(folder) reads vocab.txt in every version.
-    tokenizer = BertTokenizerFast.from_pretrained(str(vocab_path.parent))
-    expected = len(read_vocab(vocab_path))
-    if len(tokenizer) != expected:
-        raise UserError(f"{vocab_path}: loaded {len(tokenizer)} tokens, the file has {expected}")
-    return tokenizer
-
-
 def tokenize_captions(tokenizer: PreTrainedTokenizerBase, captions: Sequence[str], text_len: int
                       ) -> tuple[np.ndarray, np.ndarray]:
-    """Captions -> (uint16 ids [N, text_len] right-padded with 0, full token counts [N] before truncation).
-
-    Ids include [CLS] ... [SEP]; a caption longer than `text_len` is cut, keeping its [SEP] (`counts > text_len`)."""
-    ids = np.zeros((len(captions), text_len), dtype=np.uint16)
-    if not captions:
-        return ids, np.zeros(0, dtype=np.int64)
-    full = tokenizer(list(captions), add_special_tokens=True, truncation=False)["input_ids"]
+    """Captions -> (uint16 ids [N, text_len] right-padded with 0, full token counts [N] before truncation). Ids
+    include [CLS] ... [SEP]; a caption longer than `text_len` is cut, keeping its [SEP] (`counts > text_len`)."""
+    full = tokenizer(list(captions), truncation=False)["input_ids"] if captions else []  # it fails on an empty batch
     counts = np.array([len(row) for row in full], dtype=np.int64)
     long_rows = np.flatnonzero(counts > text_len)
     if len(long_rows):
         cut = tokenizer([captions[i] for i in long_rows], truncation=True, max_length=text_len)["input_ids"]
         for i, row in zip(long_rows, cut, strict=True):
             full[i] = row
+    ids = np.zeros((len(captions), text_len), dtype=np.uint16)
     for i, row in enumerate(full):
         ids[i, : len(row)] = row
     return ids, counts

@@ -4,22 +4,20 @@
     python train.py config/muge_16gb.py --batch_size=8
     python train.py config/muge_16gb.py --init_from=resume
     torchrun --standalone --nproc_per_node=4 train.py config/muge_16gb.py
-    python train.py config/scorer_demo.py                  # the demo's scorer -> out/scorer/
+    python train.py config/scorer_demo.py                  # the demo's scorer -> out/grader/
 
-A recipe is a Python file of `name = value` settings; `--name=value` flags override it. What prepare.py
-recorded in meta.json (codebook size, code grid, caption length, tokenizer) comes from there.
-<out_dir>/ckpt.pt is the last state, which --init_from=resume continues exactly; <out_dir>/best.pt holds the
-weights with the lowest val loss, which generate.py and evaluate.py use. The log goes to stderr.
+A recipe is a Python file of `name = value` settings, which `--name=value` flags override; prepare.py's meta.json
+gives the codebook size, code grid, caption length and tokenizer. <out_dir>/ckpt.pt is the last state, which
+--init_from=resume continues exactly; <out_dir>/best.pt the weights with the lowest val loss. Log: stderr.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data import check_ids, half_of_train_rows, open_split, read_meta
+from data import check_ids, open_split, read_meta
 from model import GPT, GPTConfig, adamw, peak_flops
 from scorer import Scorer
 from utils import (
@@ -51,11 +49,8 @@ from vqgan import load_checkpoint_file, save_checkpoint_atomic
 class TrainConfig:
     """training (the defaults train the demo on a CPU in minutes; config/ holds the recipes for real data)"""
 
-    model: str = setting("gpt", "what to train: gpt, the picture generator, or scorer, the text-image scorer "
-                         "that ranks best-of-N candidates and gives evaluate.py its R-precision")
+    model: str = setting("gpt", "gpt (the picture generator) or scorer (the text-image scorer evaluate.py grades with)")
     data_dir: str = setting("data/demo", "prepare.py output dir with meta.json")
-    rows: str = setting("all", "train rows to learn from: all, even or odd (two scorers on disjoint halves: one "
-                        "ranks candidates, the other grades them in evaluate.py)")
     out_dir: str = setting("out", "where ckpt.pt (the last state) and best.pt (the best weights) go")
     init_from: str = setting("scratch", "scratch, or resume: continue <out_dir>/ckpt.pt exactly")
     max_iters: int = setting(2400, "optimizer steps in total")
@@ -82,8 +77,7 @@ class TrainConfig:
     peak_flops: float = setting(0.0, "the device's peak FLOP/s for MFU (0: look the GPU up by name)")
 
     def __post_init__(self) -> None:
-        for name, allowed in (("model", ("gpt", "scorer")), ("init_from", ("scratch", "resume")),
-                              ("rows", ("all", "even", "odd"))):
+        for name, allowed in (("model", ("gpt", "scorer")), ("init_from", ("scratch", "resume"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
         for name in ("max_iters", "batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
@@ -131,42 +125,34 @@ def estimate_loss(model: torch.nn.Module, splits: dict[str, tuple[np.ndarray, np
     return out
 
 
-def rng_state(data_generator: torch.Generator, device: torch.device) -> dict[str, Any]:
-    """The random states a resumed run needs to continue as if never stopped (training draws from no others)."""
-    state = {"torch": torch.get_rng_state(), "data": data_generator.get_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict[str, Any], data_generator: torch.Generator, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    data_generator.set_state(state["data"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def load_resume_checkpoint(path: Path, meta: dict, data_dir: str, kind: str) -> dict:
+def checkpoint_to_resume(tc: TrainConfig, meta: dict) -> dict | None:
+    """<out_dir>/ckpt.pt for --init_from=resume, checked against the data; None for a new run."""
+    path = Path(tc.out_dir) / "ckpt.pt"
+    if tc.init_from == "scratch":
+        if path.exists():  # a new run would replace it at its first evaluation: hours lost to a re-run command
+            raise UserError(f"{path} exists: --init_from=resume continues that run; to start a new one, move it away "
+                            "or pick another --out_dir")
+        return None
     if not path.is_file():
         raise UserError(f"no checkpoint at {path} to resume from: start with --init_from scratch")
     ckpt = load_checkpoint_file(path)
     if not isinstance(ckpt, dict) or "model_config" not in ckpt or "optimizer" not in ckpt:
         raise UserError(f"{path} is not a train.py checkpoint (no model_config or optimizer)")
-    if ckpt.get("kind", "gpt") != kind:
-        raise UserError(f"{path} holds a {ckpt.get('kind', 'gpt')}, not a {kind}: pass the --model it was trained as")
+    if ckpt.get("kind", "gpt") != tc.model:
+        raise UserError(f"{path} holds a {ckpt.get('kind', 'gpt')}, not a {tc.model}: pass the --model it was "
+                        "trained as")
     for name, wanted in model_settings_from_meta(meta).items():
         if ckpt["model_config"].get(name) != wanted:
             raise UserError(f"{path} was trained with {name} {ckpt['model_config'].get(name)!r} but "
-                            f"{data_dir}/meta.json has {wanted!r}: resume on the data it was trained on, or start a "
-                            "new run elsewhere")
+                            f"{tc.data_dir}/meta.json has {wanted!r}: resume on the data it was trained on, or start "
+                            "a new run elsewhere")
     return ckpt
 
 
 def set_up_cuda(device: torch.device) -> None:
-    # TF32 matmuls through the one API that torch.compile reads too (mixing it with the legacy allow_tf32 flags
-    # makes compilation fail); cuDNN's convolutions use TF32 already. And no cuDNN attention: its backward gives
-    # NaN gradients with an explicit mask and a key length of 64 mod 128 (pytorch#196678), our cross-attention
-    # to 64-token captions exactly.
+    # TF32 matmuls through the one API torch.compile reads too (mixing in the legacy allow_tf32 flags makes it fail;
+    # cuDNN's convolutions use TF32 already). No cuDNN attention: its backward gives NaN gradients with an explicit
+    # mask and keys of length 64 mod 128 (pytorch#196678), our cross-attention to 64-token captions exactly.
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
         torch.backends.cuda.enable_cudnn_sdp(False)
@@ -185,7 +171,7 @@ def train(tc: TrainConfig, mc: GPTConfig, given: set[str]) -> dict[str, Any]:
     try:
         # One run per out_dir at a time: a second one would overwrite the first one's checkpoints.
         with locked(tc.out_dir, "train.py run") if rank == 0 else contextlib.nullcontext():
-            summary = _train(tc, mc, given, device, rank, world_size)
+            summary = Run(tc, mc, given, device, rank, world_size).loop()
         if distributed:
             # The first process may still be writing the checkpoint; a peer that tears its group down
             # before then aborts gloo's background threads (SIGABRT) and fails the whole run.
@@ -208,7 +194,7 @@ def build(tc: TrainConfig, mc: GPTConfig, given: set[str], meta: dict, ckpt: dic
             log(f"note: the model settings come from the checkpoint; ignored: {', '.join(differ)}")
         mc = GPTConfig.from_dict(ckpt["model_config"])
     else:
-        mc = dataclasses.replace(mc, **model_settings_from_meta(meta))
+        mc = replace(mc, **model_settings_from_meta(meta))
     torch.manual_seed(tc.seed)  # every process builds the same initial model
     try:
         model = Scorer(mc) if tc.model == "scorer" else GPT(mc)
@@ -219,103 +205,77 @@ def build(tc: TrainConfig, mc: GPTConfig, given: set[str], meta: dict, ckpt: dic
     return model
 
 
-def _train(tc: TrainConfig, mc: GPTConfig, given: set[str], device: torch.device, rank: int, world_size: int
-           ) -> dict[str, Any]:
-    master = rank == 0
-
-    def log(message: str) -> None:
-        if master:
-            print(message, file=sys.stderr, flush=True)
-
-    dtype = pick_dtype(device, tc.dtype or None)
-    use_compile = tc.compile if tc.compile is not None else device.type == "cuda"
-    if use_compile:
-        check_compiler(device)
-    set_up_cuda(device)
-    out_dir = Path(tc.out_dir)
-    if tc.init_from == "scratch" and (out_dir / "ckpt.pt").exists():
-        # A new run would replace it at its first evaluation: hours of training lost to a re-run command.
-        raise UserError(f"{out_dir / 'ckpt.pt'} exists: --init_from=resume continues that run; to start a new one, "
-                        "move it away or pick another --out_dir")
-    meta = read_meta(tc.data_dir)
-    splits = {split: open_split(tc.data_dir, split, meta) for split in ("train", "val")}
-    if splits["train"] is None:
-        raise UserError(f"{tc.data_dir}/train.img.bin has no rows: nothing to train on")
-    if splits["val"] is None:
-        log(f"note: {tc.data_dir} has no val rows; the val loss is measured on train rows")
-        splits["val"] = splits["train"]
-    if tc.rows != "all":
-        half = half_of_train_rows(tc.data_dir, odd=tc.rows == "odd")
-        splits["train"] = tuple(array[half] for array in splits["train"])
-    ckpt = None
-    if tc.init_from == "resume":
-        ckpt = load_resume_checkpoint(out_dir / "ckpt.pt", meta, tc.data_dir, tc.model)
-    raw_model = build(tc, mc, given, meta, ckpt, log).to(device)
-    for split, data in splits.items():
-        check_ids(tc.data_dir, split, data, raw_model.config.codebook_size, raw_model.text_encoder.config.vocab_size)
-
-    optimizer = adamw(raw_model, tc.weight_decay, tc.learning_rate, (tc.beta1, tc.beta2), device.type)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    torch.manual_seed(tc.seed + rank)
-    state = {"iter_num": 0, "best_val_loss": float("inf"), "best_iter": 0}
-    data_generator = torch.Generator().manual_seed(tc.seed + rank)
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        state = {k: ckpt[k] for k in state}
-        if len(ckpt["rng"]) == world_size:
-            set_rng_state(ckpt["rng"][rank], data_generator, device)
-        else:
-            log(f"note: the checkpoint ran on {len(ckpt['rng'])} processes, this run on {world_size}: the data order "
-                "differs from an unbroken run's")
-        del ckpt  # its tensors would otherwise stay alive for the whole run
-    model = raw_model
-    if world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                        broadcast_buffers=False)
-    if use_compile:  # after DDP, as PyTorch's DDP notes ask, so that the graph splits at its buckets
-        model = torch.compile(model)
-
-    tokens_per_iter = tc.batch_size * tc.gradient_accumulation_steps * world_size * raw_model.config.block_size
-    config = raw_model.config
-    log(f"{tc.model}: {raw_model.num_params() / 1e6:.2f}M parameters ({raw_model.num_params(True) / 1e6:.2f}M "
-        f"trained), {config.n_layer} layers x {config.n_embd} wide, codebook {config.codebook_size}")
-    log(f"training on {device} in {str(dtype).removeprefix('torch.')}{' with torch.compile' if use_compile else ''}, "
-        f"{world_size} process{'es' if world_size > 1 else ''}, {tokens_per_iter:,} tokens per step, "
-        f"{len(splits['train'][0]):,} train rows")
-    run = Run(tc, meta, raw_model, model, optimizer, scaler, data_generator, splits, device, dtype, rank, world_size,
-              state, tokens_per_iter, log)
-    return run.loop()
-
-
-@dataclass
 class Run:
-    """The training loop and what it carries from step to step."""
+    """One process's training: the setup, then the loop and what it carries from step to step."""
 
-    tc: TrainConfig
-    meta: dict
-    raw_model: torch.nn.Module
-    model: torch.nn.Module  # the same, wrapped in DDP and compiled where they apply
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    data_generator: torch.Generator
-    splits: dict[str, tuple[np.ndarray, np.ndarray]]
-    device: torch.device
-    dtype: torch.dtype
-    rank: int
-    world_size: int
-    state: dict[str, Any]  # iter_num, best_val_loss, best_iter: what a checkpoint records
-    tokens_per_iter: int
-    log: Any
+    def __init__(self, tc: TrainConfig, mc: GPTConfig, given: set[str], device: torch.device, rank: int,
+                 world_size: int) -> None:
+        self.tc, self.device, self.rank, self.world_size = tc, device, rank, world_size
+        self.dtype = pick_dtype(device, tc.dtype or None)
+        use_compile = tc.compile if tc.compile is not None else device.type == "cuda"
+        if use_compile:
+            check_compiler(device)
+        set_up_cuda(device)
+        self.meta = read_meta(tc.data_dir)
+        self.splits = splits = {split: open_split(tc.data_dir, split, self.meta) for split in ("train", "val")}
+        if splits["train"] is None:
+            raise UserError(f"{tc.data_dir}/train.img.bin has no rows: nothing to train on")
+        if splits["val"] is None:
+            self.log(f"note: {tc.data_dir} has no val rows; the val loss is measured on train rows")
+            splits["val"] = splits["train"]
+        ckpt = checkpoint_to_resume(tc, self.meta)
+        self.raw_model = raw = build(tc, mc, given, self.meta, ckpt, self.log).to(device)
+        for split, data in splits.items():
+            check_ids(tc.data_dir, split, data, raw.config.codebook_size, raw.text_encoder.config.vocab_size)
 
-    def __post_init__(self) -> None:
-        self.peak = self.tc.peak_flops or peak_flops(self.device)
-        self.wandb = start_wandb(self.tc, self.raw_model.config) if self.tc.wandb_log and self.rank == 0 else None
+        self.optimizer = adamw(raw, tc.weight_decay, tc.learning_rate, (tc.beta1, tc.beta2), device.type)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        torch.manual_seed(tc.seed + rank)
+        self.state = {"iter_num": 0, "best_val_loss": float("inf"), "best_iter": 0}
+        self.data_generator = torch.Generator().manual_seed(tc.seed + rank)
+        if ckpt is not None:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+            self.state = {k: ckpt[k] for k in self.state}
+            if len(ckpt["rng"]) == world_size:
+                rng = ckpt["rng"][rank]
+                torch.set_rng_state(rng["torch"])
+                self.data_generator.set_state(rng["data"])
+                if device.type == "cuda" and "cuda" in rng:
+                    torch.cuda.set_rng_state(rng["cuda"], device)
+            else:
+                self.log(f"note: the checkpoint ran on {len(ckpt['rng'])} processes, this run on {world_size}: the "
+                         "data order differs from an unbroken run's")
+            del ckpt  # its tensors would otherwise stay alive for the whole run
+        self.model = raw  # the same, wrapped in DDP and compiled where they apply
+        if world_size > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                raw, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        if use_compile:  # after DDP, as PyTorch's DDP notes ask, so that the graph splits at its buckets
+            self.model = torch.compile(self.model)
+
+        self.tokens_per_iter = tc.batch_size * tc.gradient_accumulation_steps * world_size * raw.config.block_size
+        self.log(f"{tc.model}: {raw.num_params() / 1e6:.2f}M parameters ({raw.num_params(True) / 1e6:.2f}M trained), "
+                 f"{raw.config.n_layer} layers x {raw.config.n_embd} wide, codebook {raw.config.codebook_size}")
+        self.log(f"training on {device} in {str(self.dtype).removeprefix('torch.')}"
+                 f"{' with torch.compile' if use_compile else ''}, {world_size} "
+                 f"process{'es' if world_size > 1 else ''}, {self.tokens_per_iter:,} tokens per step, "
+                 f"{len(splits['train'][0]):,} train rows")
+        self.peak = tc.peak_flops or peak_flops(device)
+        self.wandb = None
+        if tc.wandb_log and rank == 0:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--wandb_log needs wandb, which is not installed: pip install wandb") from None
+            self.wandb = wandb.init(project=tc.wandb_project, config=asdict(tc) | asdict(raw.config))
         # The first step whose loss was not finite, kept on the device so that checking costs no sync per step.
-        self.first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
         self.saved_iter = self.state["iter_num"]
+
+    def log(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, file=sys.stderr, flush=True)
 
     def loop(self) -> dict[str, Any]:
         tc, state = self.tc, self.state
@@ -358,9 +318,8 @@ class Run:
             last = micro_step == tc.gradient_accumulation_steps - 1
             # Gradients are averaged across processes only once per step, on the last micro-batch.
             sync = contextlib.nullcontext() if self.world_size == 1 or last else self.model.no_sync()
-            codes, text = get_batch(self.splits["train"], tc.batch_size, self.data_generator, self.device)
             with sync, autocast(self.device, self.dtype):
-                loss = self.model(codes, text)[1]
+                loss = self.model(*get_batch(self.splits["train"], tc.batch_size, self.data_generator, self.device))[1]
             self.scaler.scale(loss / tc.gradient_accumulation_steps).backward()
         self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss.detach()), step + 1, self.first_bad)
         if tc.grad_clip > 0:
@@ -371,9 +330,9 @@ class Run:
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    def check_finite(self, step: int, val_loss: float | None = None) -> None:
+    def check_finite(self, step: int, val_loss: float = 0.0) -> None:
         bad = int(self.first_bad.item())
-        if bad >= 0 or (val_loss is not None and not np.isfinite(val_loss)):
+        if bad >= 0 or not np.isfinite(val_loss):
             where = f"step {bad}" if bad >= 0 else f"the evaluation at step {step}"
             kept = f"{self.tc.out_dir}/ckpt.pt (step {self.saved_iter})" if self.saved_iter else "no checkpoint"
             raise UserError(f"the loss is not finite from {where} on: training stopped, keeping {kept}; lower "
@@ -405,14 +364,17 @@ class Run:
             self.wandb.log({"iter": step, "train/loss": losses["train"], "val/loss": losses["val"]})
         if step == 0:
             return losses
-        states = [rng_state(self.data_generator, self.device)]
+        # the random states a resumed run needs to go on as if never stopped (training draws from no others)
+        rng = {"torch": torch.get_rng_state(), "data": self.data_generator.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        states = [rng] * self.world_size
         if self.world_size > 1:
-            states = [None] * self.world_size
-            dist.all_gather_object(states, rng_state(self.data_generator, self.device))
+            dist.all_gather_object(states, rng)
         if self.rank == 0:
             weights = {"kind": self.tc.model, "model": self.raw_model.state_dict(), "meta": self.meta,
-                       "model_config": dataclasses.asdict(self.raw_model.config), "iter_num": step,
-                       "train_config": dataclasses.asdict(self.tc), "data_dir": str(Path(self.tc.data_dir).resolve())}
+                       "model_config": asdict(self.raw_model.config), "iter_num": step,
+                       "train_config": asdict(self.tc), "data_dir": str(Path(self.tc.data_dir).resolve())}
             out_dir = Path(self.tc.out_dir)
             if improved:
                 save_checkpoint_atomic({**weights, "val_loss": losses["val"]}, out_dir / "best.pt")
@@ -423,23 +385,14 @@ class Run:
         return losses
 
 
-def start_wandb(tc: TrainConfig, model_config: GPTConfig) -> Any:
-    try:
-        import wandb
-    except ImportError:
-        raise UserError("--wandb_log is on but wandb is not installed: pip install wandb, or leave it off") from None
-    return wandb.init(project=tc.wandb_project, config={**dataclasses.asdict(tc), **dataclasses.asdict(model_config)})
-
-
 def parse_args(argv: list[str]) -> tuple[TrainConfig, GPTConfig, set[str]]:
     (tc, mc), given = configure(argv, (TrainConfig, GPTConfig), "train.py", __doc__)
     return tc, mc, given
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any] | None:
-    argv = sys.argv[1:] if argv is None else argv
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {}
-    status = run_main("train.py", lambda: result.update(train(*parse_args(argv))))
+    status = run_main("train.py", lambda: result.update(train(*parse_args(sys.argv[1:] if argv is None else argv))))
     if status:
         sys.exit(status)
     return result

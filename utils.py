@@ -1,7 +1,5 @@
-"""What the scripts share: settings from recipes and flags, the error a user acts on, devices and precision,
-the learning-rate schedule, memory figures and a lock on an output folder."""
-
-from __future__ import annotations
+"""What the scripts share: settings, the error a user acts on, devices and precision, the learning-rate schedule,
+memory figures, a lock on an output folder and worker processes."""
 
 import ast
 import contextlib
@@ -11,15 +9,16 @@ import itertools
 import math
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
+import sysconfig
 import traceback
 import warnings
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import field
 from pathlib import Path
 from typing import IO, Any, BinaryIO, TypeVar
 
@@ -50,41 +49,35 @@ def run_main(prog: str, main: Callable[[], object]) -> int:
     return 1
 
 
-# ----------------------------------------------------------------------------------------------------------
-# settings: dataclass defaults < recipe files < --name=value flags
-
-
 def setting(default: Any, help_text: str) -> Any:
-    """A dataclass field that is a setting: a recipe may assign it and `--name=value` overrides it."""
-    return field(default=default, metadata={"help": help_text})
+    """A dataclass field that is a setting: a recipe may assign it and `--name=value` overrides it. Its module
+    imports `annotations` from __future__, so that the field's type reads as text: "int", "bool | None"."""
+    return dataclasses.field(default=default, metadata={"help": help_text})
 
 
 def configure(argv: list[str], classes: Iterable[type], prog: str, doc: str) -> tuple[list[Any], set[str]]:
-    """Instances of the setting dataclasses `classes` from recipe files (Python files of `name = value` lines),
-    then `--name=value` or `--name value` flags; also the names that were given."""
+    """The `classes` instances from recipes, then `--name=value` or `--name value` flags; and the names given."""
     fields = {f.name: f for cls in classes for f in dataclasses.fields(cls) if "help" in f.metadata}
-    recipes, flags = [], []
+    recipes, flags = [], {}
     args = list(argv)
     while args:
         arg = args.pop(0)
         if arg in ("-h", "--help"):
             print(_help(classes, prog, doc))
             sys.exit(0)
+        name, has_value, text = arg[2:].partition("=")
         if not arg.startswith("--"):
             recipes.append(arg)
-            continue
-        name, has_value, text = arg[2:].partition("=")
-        if not has_value:
-            if not args or args[0].startswith("--"):
-                raise UserError(f"--{name} needs a value: --{name}=VALUE")
-            text = args.pop(0)
-        if name not in fields:
+        elif not has_value and (not args or args[0].startswith("--")):
+            raise UserError(f"--{name} needs a value: --{name}=VALUE")
+        elif name not in fields:
             raise UserError(f"unknown setting --{name} (python {prog} --help lists them)")
-        flags.append((name, text))
+        else:
+            flags[name] = text if has_value else args.pop(0)
     given: dict[str, Any] = {}
     for path in recipes:
         given.update(read_recipe(path, fields))
-    for name, text in flags:
+    for name, text in flags.items():
         try:
             given[name] = _parse(text, fields[name].type)
         except ValueError:
@@ -100,8 +93,7 @@ def configure(argv: list[str], classes: Iterable[type], prog: str, doc: str) -> 
 def read_recipe(path: str, fields: dict[str, dataclasses.Field]) -> dict[str, Any]:
     """The settings a recipe assigns; an unknown name or a value of the wrong type names the file and line."""
     try:
-        source = Path(path).read_text(encoding="utf-8")
-        tree = ast.parse(source, filename=path)
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"), filename=path)
     except OSError as e:
         raise UserError(f"cannot read the recipe {path}: {e.strerror}") from None
     except SyntaxError as e:
@@ -112,14 +104,11 @@ def read_recipe(path: str, fields: dict[str, dataclasses.Field]) -> dict[str, An
     except Exception as e:
         line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if f.filename == path), "?")
         raise UserError(f"{path}:{line}: {type(e).__name__}: {e}") from None
-    lines = {}  # every name the recipe assigns, in any form, with its first line
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
-            lines[node.id] = min(node.lineno, lines.get(node.id, node.lineno))
+    # every name the recipe assigns, in any form, by line; _names are the recipe's own helpers
+    assigned = sorted((node.lineno, node.id) for node in ast.walk(tree) if isinstance(node, ast.Name)
+                      and isinstance(node.ctx, ast.Store) and not node.id.startswith("_"))
     values = {}
-    for name, line in lines.items():
-        if name.startswith("_"):
-            continue  # a recipe's own helpers
+    for line, name in assigned:
         if name not in fields:
             raise UserError(f"{path}:{line}: unknown setting {name!r} (python {sys.argv[0]} --help lists them)")
         if not _fits(namespace[name], fields[name].type):
@@ -146,9 +135,7 @@ def _fits(value: Any, kind: str) -> bool:
     base = kind.removesuffix(" | None")
     if value is None:
         return base != kind
-    if base == "float":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    types = {"bool": bool, "int": int, "str": str, "tuple[int, ...]": tuple, "list[str]": list}
+    types = {"bool": bool, "int": int, "float": (int, float), "str": str, "tuple[int, ...]": tuple, "list[str]": list}
     return isinstance(value, types[base]) and (base == "bool" or not isinstance(value, bool))
 
 
@@ -163,8 +150,7 @@ def _help(classes: Iterable[type], prog: str, doc: str) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# devices, precision, schedule
+NVIDIA_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0")  # what the driver makes, whether torch can use it or not
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -174,46 +160,34 @@ def pick_device(name: str | None = None) -> torch.device:
         warnings.simplefilter("always")
         cuda = torch.cuda.is_available()
     # torch says why once, as a warning ("CUDA initialization: ..."), when it finds GPUs it cannot use.
-    why = next((str(w.message) for w in caught if "CUDA initialization" in str(w.message)), "")
+    warned = next((str(w.message) for w in caught if "CUDA initialization" in str(w.message)), "")
+    cuda_build = f"torch {torch.__version__} is built for CUDA {torch.version.cuda}; is the NVIDIA driver that recent?"
+    why = warned or (cuda_build if torch.version.cuda else f"this torch {torch.__version__} is a CPU-only build")
     if name:
         device = torch.device(name)
         if device.type == "cuda" and not cuda:
-            raise UserError(f"--device {name}, but torch cannot use a CUDA GPU here: {why or cuda_problem()}")
+            raise UserError(f"--device {name}, but torch cannot use a CUDA GPU here: {why}")
         return device
     if cuda:
         return torch.device("cuda")
-    if torch.version.cuda and (why or any(Path(p).exists() for p in NVIDIA_DEVICE_FILES)):
-        raise UserError(f"this machine has an NVIDIA GPU that torch cannot use ({why or cuda_problem()}): update "
-                        "the driver or install a torch built for an older CUDA; --device cpu runs on the CPU")
+    if torch.version.cuda and (warned or any(Path(p).exists() for p in NVIDIA_DEVICE_FILES)):
+        raise UserError(f"this machine has an NVIDIA GPU that torch cannot use ({why}): update the driver or install "
+                        "a torch built for an older CUDA; --device cpu runs on the CPU")
     return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
 
 
-NVIDIA_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0")
-
-
-def cuda_problem() -> str:
-    if torch.version.cuda is None:
-        return f"this torch {torch.__version__} is a CPU-only build"
-    return f"torch {torch.__version__} is built for CUDA {torch.version.cuda}; is the NVIDIA driver that recent?"
-
-
 def check_compiler(device: torch.device) -> None:
-    """torch.compile builds C++ (CPU) or Triton (CUDA) code, which needs a C compiler and Python's headers;
-    without them it fails deep inside the first step. Say so up front."""
-    import shutil
-    import sysconfig
-
+    """torch.compile needs a C compiler and Python's headers, or fails deep inside the first step: say so up front."""
     problems = []
-    if device.type == "cuda":
-        if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
-            problems.append("no C compiler (gcc, clang or $CC) for Triton")
-    else:
-        from torch._inductor.cpp_builder import get_cpp_compiler
-
+    if device.type != "cuda":
         try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+
             get_cpp_compiler()
         except Exception as e:
             problems.append(f"no working C++ compiler ({str(e).splitlines()[0]})")
+    elif not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+        problems.append("no C compiler (gcc, clang or $CC) for Triton")
     if not Path(sysconfig.get_paths()["include"], "Python.h").is_file():
         problems.append("no Python headers (Python.h; Debian: apt install python3-dev)")
     if problems:
@@ -222,8 +196,11 @@ def check_compiler(device: torch.device) -> None:
 
 def pick_dtype(device: torch.device, name: str | None = None) -> torch.dtype:
     """float32 on the CPU; bfloat16 on GPUs that have it, float16 on those that don't."""
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name and name not in dtypes:
+        raise UserError(f"--dtype {name}: expected one of {', '.join(dtypes)}")
     if name:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+        return dtypes[name]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
@@ -231,9 +208,7 @@ def pick_dtype(device: torch.device, name: str | None = None) -> torch.dtype:
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
     """Mixed precision for `dtype`, or a no-op when it is float32."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
 def cosine_lr(step: int, lr: float, min_lr: float, warmup: int, decay_steps: int) -> float:
@@ -266,14 +241,9 @@ def format_memory(memory: dict[str, float]) -> str:
     return ", ".join(f"{value:.2f} GiB {kind}" for kind, value in memory.items())
 
 
-# ----------------------------------------------------------------------------------------------------------
-# files
-
-
 @contextlib.contextmanager
 def locked(folder: str | os.PathLike, what: str) -> Iterator[IO]:
-    """Hold an advisory lock on `folder` (created if needed) while `what` writes into it, so that a second
-    run on the same folder stops at once instead of overwriting the first one's work."""
+    """Lock `folder` (created if needed) while `what` writes into it: a second run there stops at once."""
     import fcntl
 
     folder = Path(folder)
@@ -294,21 +264,17 @@ def progress(total: int | None, desc: str, unit: str, items: Iterable | None = N
 
 @contextlib.contextmanager
 def results_stdout() -> Iterator[BinaryIO]:
-    """The real stdout for a script's results, while everything else that writes to stdout (print, a library,
-    C code writing to file descriptor 1) goes to stderr instead."""
+    """The real stdout, for a script's results; meanwhile print, libraries and C code writing to fd 1 go to stderr."""
     sys.stdout.flush()
-    real_stdout = os.dup(1)
+    out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
-    saved, sys.stdout = sys.stdout, sys.stderr
-    out = os.fdopen(os.dup(real_stdout), "wb")
     try:
-        yield out
+        with contextlib.redirect_stdout(sys.stderr):
+            yield out
     finally:
+        os.dup2(out.fileno(), 1)
         with contextlib.suppress(BrokenPipeError):
             out.close()
-        sys.stdout = saved
-        os.dup2(real_stdout, 1)
-        os.close(real_stdout)
 
 
 class Report:
@@ -324,10 +290,6 @@ class Report:
             print(f"{where}: {kind}{': ' + detail if detail else ''}", file=sys.stderr)
         elif self.counts[kind] == self.shown + 1:
             print(f"(further '{kind}' warnings are counted in the summary, not shown)", file=sys.stderr)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# worker processes
 
 
 def process_pool(workers: int) -> ProcessPoolExecutor | None:

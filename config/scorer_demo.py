@@ -1,10 +1,7 @@
-# The demo's text-image scorer: `python train.py config/scorer_demo.py` trains one on the even training rows
-# into out/scorer, to rank best-of-N candidates (generate.py --scorer out/scorer/best.pt); with `--rows=odd
-# --out_dir=out/grader` the one that grades R-precision in evaluate.py, on rows the first never saw. Each takes
-# about a minute and a half on two CPU cores.
+# The demo's text-image scorer, which grades R-precision in evaluate.py: `python train.py config/scorer_demo.py`
+# trains it into out/grader, about a minute and a half on two CPU cores.
 model = "scorer"
-rows = "even"
-out_dir = "out/scorer"
+out_dir = "out/grader"
 n_layer = 2
 n_head = 4
 n_embd = 128

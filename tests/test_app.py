@@ -168,10 +168,10 @@ def test_an_error_in_one_request_does_not_fail_the_others(pipe, monkeypatch, cap
     bad_key = row_keys(666, range(1))[0, 0]
     real_draw = pipe.draw
 
-    def draw(text_ids, keys, sampler, scorer=None):
+    def draw(text_ids, keys, sampler):
         if (keys == bad_key).any():
             raise RuntimeError("this request breaks the sampler")
-        return real_draw(text_ids, keys, sampler, scorer)
+        return real_draw(text_ids, keys, sampler)
 
     monkeypatch.setattr(pipe, "draw", draw)
     batcher = Batcher(pipe, max_batch=16, wait=0.5)

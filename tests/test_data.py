@@ -19,7 +19,6 @@ import data
 from data import (
     BadRowError,
     decode_base64,
-    half_of_train_rows,
     image_from_base64,
     open_image,
     read_captions,
@@ -341,12 +340,3 @@ def test_reading_back_a_prepare_output_names_what_is_wrong(tmp_path):
     (tmp_path / "val.img.bin").unlink()
     with pytest.raises(UserError, match="val.img.bin is missing"):
         data.open_split(tmp_path, "val", meta)
-
-
-def test_a_mirrored_picture_stays_in_its_originals_half(tmp_path):
-    # prepare.py --flip writes a batch's pictures, then their mirrored copies: with an odd number kept in a
-    # batch, a copy's row parity is not its original's
-    ids = ["a", "b", "c", "a#flip", "b#flip", "c#flip", "d", "d#flip"]
-    (tmp_path / "train.ids.txt").write_text("\n".join(ids) + "\n")
-    assert half_of_train_rows(tmp_path, odd=False).tolist() == [0, 2, 3, 5, 6, 7]
-    assert half_of_train_rows(tmp_path, odd=True).tolist() == [1, 4]

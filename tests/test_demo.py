@@ -123,7 +123,7 @@ def test_empty_picture_counts_as_white():
 
 @pytest.fixture(scope="module")
 def matcher():
-    return demo.CategoryMatcher.fit(*demo.renders(64, seed=0, per_product=2))
+    return demo.CategoryMatcher(*demo.renders(64, seed=0, per_product=2))
 
 
 def test_colour_and_category_of_demo_renders_are_recognised(matcher):
@@ -136,7 +136,7 @@ def test_colour_and_category_of_demo_renders_are_recognised(matcher):
 
 def test_renders_at_another_size_are_recognised_too():
     images, products = demo.renders(48, seed=3, per_product=1)
-    matcher = demo.CategoryMatcher.fit(*demo.renders(48, seed=0, per_product=2))
+    matcher = demo.CategoryMatcher(*demo.renders(48, seed=0, per_product=2))
     assert demo.attribute_accuracy(images, products, matcher)["category"] >= 0.95
 
 

@@ -23,7 +23,7 @@ import sample
 import train
 from model import GPT, GPTConfig, load_model
 from utils import batched
-from vqgan import save_checkpoint_atomic
+from vqgan import images_to_tensor, save_checkpoint_atomic
 
 # --- Fréchet distance ------------------------------------------------------------------------------------------
 
@@ -115,29 +115,19 @@ def test_inception_score_of_confident_predictions_of_one_class_is_one():
 # --- the feature pipeline --------------------------------------------------------------------------------------
 
 
-class TinyExtractor(torch.nn.Module):
-    """A randomly initialised stand-in for Inception: pictures in [-1, 1] -> (features, logits)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2)
-        self.head = torch.nn.Linear(8, 5)
-        self.calls: list[int] = []
-
-    def forward(self, x):
-        assert x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
-        self.calls.append(len(x))
-        features = torch.relu(self.conv(x)).mean(dim=(2, 3))
-        return features, self.head(features)
+@pytest.fixture
+def tiny_inception(monkeypatch, tmp_path):
+    """load_inception's extractor, with a small random network in pytorch-fid's place."""
+    module = fake_pytorch_fid(monkeypatch)
+    torch.manual_seed(0)
+    weights = tmp_path / evaluate.FID_WEIGHTS_FILE
+    save_checkpoint_atomic(module.Network().state_dict(), weights)
+    return evaluate.load_inception(str(weights), torch.device("cpu"))
 
 
-def extract_features(pictures, extractor, device, batch_size):
-    """Features and logits of every picture, in order, batch after batch as evaluate.Tally takes them."""
-    batches = [evaluate.features_of_batch(extractor, np.stack(chunk), device)
-               for chunk in batched(pictures, batch_size)]
-    if not batches:
-        return np.zeros((0, 0)), np.zeros((0, 0))
+def extract_features(pictures, extractor, batch_size):
+    """Features and logits of every picture, in order, batch after batch as evaluate.Judges takes them."""
+    batches = [extractor(np.stack(chunk)) for chunk in batched(pictures, batch_size)]
     return tuple(np.concatenate(parts) for parts in zip(*batches, strict=True))
 
 
@@ -146,24 +136,22 @@ def pictures(n: int, size: int = 24, seed: int = 0) -> list[np.ndarray]:
     return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
 
 
-def test_feature_pipeline_shapes_and_batching():
-    extractor = TinyExtractor().eval()
+def test_feature_pipeline_shapes_and_batching(tiny_inception):
     images = pictures(7)
-    features, logits = extract_features(images, extractor, torch.device("cpu"), batch_size=3)
-    assert features.shape == (7, 8) and logits.shape == (7, 5) and features.dtype == np.float64
-    assert extractor.calls == [3, 3, 1]
+    features, logits = extract_features(images, tiny_inception, batch_size=3)
+    assert features.shape == (7, 4) and logits.shape == (7, 6)
+    assert features.dtype == logits.dtype == np.float64
     for batch_size in (1, 7, 100):
-        again = extract_features(iter(images), extractor, torch.device("cpu"), batch_size)
+        again = extract_features(iter(images), tiny_inception, batch_size)
         np.testing.assert_allclose(again[0], features, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(again[1], logits, rtol=1e-5, atol=1e-6)
 
 
-def test_feature_pipeline_keeps_the_order_and_statistics_ignore_it():
-    extractor = TinyExtractor().eval()
+def test_feature_pipeline_keeps_the_order_and_statistics_ignore_it(tiny_inception):
     images = pictures(9)
-    features, _ = extract_features(images, extractor, torch.device("cpu"), batch_size=4)
+    features, _ = extract_features(images, tiny_inception, batch_size=4)
     order = np.random.default_rng(0).permutation(9)
-    shuffled, _ = extract_features([images[i] for i in order], extractor, torch.device("cpu"), 4)
+    shuffled, _ = extract_features([images[i] for i in order], tiny_inception, 4)
     np.testing.assert_allclose(shuffled, features[order], rtol=1e-5, atol=1e-6)
     mu1, sigma1 = evaluate.feature_statistics(features)
     mu2, sigma2 = evaluate.feature_statistics(shuffled)
@@ -171,13 +159,8 @@ def test_feature_pipeline_keeps_the_order_and_statistics_ignore_it():
     np.testing.assert_allclose(sigma1, sigma2, atol=1e-6)
     assert evaluate.fid_of_features(features, shuffled) == pytest.approx(0.0, abs=1e-6)
     # and a different set of pictures is farther away
-    other, _ = extract_features(pictures(9, seed=1), extractor, torch.device("cpu"), 4)
+    other, _ = extract_features(pictures(9, seed=1), tiny_inception, 4)
     assert evaluate.fid_of_features(features, other) > 1e-4
-
-
-def test_no_pictures_give_empty_features():
-    features, logits = extract_features([], TinyExtractor(), torch.device("cpu"), 4)
-    assert features.shape[0] == 0 and logits.shape[0] == 0
 
 
 # --- PSNR ----------------------------------------------------------------------------------------------------
@@ -276,13 +259,15 @@ def test_weights_come_from_the_given_file_without_download(monkeypatch, tmp_path
     save_checkpoint_atomic(reference.state_dict(), weights)
     extractor = evaluate.load_inception(str(weights), torch.device("cpu"))
     assert module.load_state_dict_from_url.__name__ == "load_state_dict_from_url"  # put back afterwards
-    x = torch.rand(2, 3, 32, 32) * 2 - 1
-    features, logits = extractor(x)
-    resized = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+    pictures = np.random.default_rng(0).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
+    features, logits = extractor(pictures)
+    resized = torch.nn.functional.interpolate(images_to_tensor(pictures), size=(299, 299), mode="bilinear",
+                                              align_corners=False)
     with torch.no_grad():
         pool = reference.pool(resized)
-    torch.testing.assert_close(features, pool)
-    torch.testing.assert_close(logits, pool @ reference.fc.weight.T)  # the Inception Score's logits: no bias
+    assert features.dtype == logits.dtype == np.float64
+    torch.testing.assert_close(torch.from_numpy(features), pool.double())
+    torch.testing.assert_close(torch.from_numpy(logits), (pool @ reference.fc.weight.T).double())  # IS logits: no bias
 
 
 def test_weights_of_another_network_are_refused(monkeypatch, tmp_path):
@@ -329,7 +314,7 @@ def test_features_equal_pytorch_fids_own_network(monkeypatch, tmp_path):
                         lambda *args, **kwargs: torch.load(weights, weights_only=True))
     reference = fid_inception.InceptionV3([fid_inception.InceptionV3.DEFAULT_BLOCK_INDEX]).eval()
     pictures = np.random.default_rng(0).integers(0, 256, size=(2, 64, 64, 3), dtype=np.uint8)
-    features, _ = evaluate.features_of_batch(extractor, pictures, torch.device("cpu"))
+    features, _ = extractor(pictures)
     with torch.no_grad():
         expected = reference(torch.from_numpy(pictures).permute(0, 3, 1, 2).float() / 255)[0].flatten(1)
     assert np.abs(expected.numpy()).max() > 0.1
@@ -443,8 +428,8 @@ def run_evaluate(capfd):
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory, vqgan_ckpt):
-    """The demo data at the tiny VQGAN's 32 px, prepared, with a GPT trained for two steps on it (out/best.pt),
-    a text-image scorer to rank best-of-N candidates (out/scorer) and one that grades R-precision (out/grader)."""
+    """The demo data at the tiny VQGAN's 32 px, prepared, with a GPT trained for two steps on it (out/best.pt)
+    and the text-image scorer that grades R-precision (out/grader)."""
     root = tmp_path_factory.mktemp("evaluate")
     demo.write_dataset(root / "source", n_train=24, n_val=10, n_test=2, image_size=TINY_F4_SIZE, seed=5)
     assert prepare.main(["--data_dir", str(root / "source"), "--vqgan_ckpt", str(vqgan_ckpt), "--out_dir",
@@ -453,8 +438,7 @@ def demo_run(tmp_path_factory, vqgan_ckpt):
     steps = ["--max_iters=2", "--eval_interval=2", "--eval_iters=1", f"--data_dir={root / 'data'}"]
     recipe = str(ROOT / "config" / "tiny_cpu.py")
     train.main([recipe, f"--out_dir={root / 'out'}", *steps])
-    train.main([recipe, "--model=scorer", "--rows=even", f"--out_dir={root / 'out' / 'scorer'}", *steps])
-    train.main([recipe, "--model=scorer", "--rows=odd", f"--out_dir={root / 'out' / 'grader'}", *steps])
+    train.main([recipe, "--model=scorer", f"--out_dir={root / 'out' / 'grader'}", *steps])
     return root
 
 
@@ -597,10 +581,6 @@ def test_sweep_scores_every_combination(demo_run, no_pytorch_fid, run_evaluate):
         assert row["settings"]["temperature"] == sample.DEFAULT_TEMPERATURE and row["fid"] is None
     # the metrics of the pictures are per row; those of the real pictures and the model once
     assert "r_precision" not in result and result["val_rows"] == 4 and result["real_r_precision"] is not None
-    # ranked by a named scorer instead of the GPT's likelihood
-    code, ranked, stderr = run_evaluate("--ckpt", str(demo_run / "out" / "best.pt"), "--max_images", "4",
-                                        "--candidates", "2", "--scorer", str(demo_run / "out" / "scorer" / "best.pt"))
-    assert code == 0 and ranked["settings"]["candidates"] == 2, stderr
     for flags, message in [(["--sweep", "cfg=1,3"], "expected NAME=V1,V2,... with NAME one of cfg_scale"),
                            (["--sweep", "top_k="], "expected NAME=V1,V2"),
                            (["--sweep", "top_k=1,a"], "the values of top_k must be ints")]:
@@ -623,9 +603,23 @@ def test_clear_errors(tmp_path, demo_run, run_evaluate):
     assert code == 1 and "holds a scorer, not a gpt" in error_line(stderr)
     code, _, stderr = run_evaluate("--ckpt", str(demo_run / "out" / "best.pt"), "--candidates", "0")
     assert code == 1 and "must be at least 1" in error_line(stderr)
-    code, _, stderr = run_evaluate("--ckpt", str(demo_run / "out" / "best.pt"), "--sweep", "candidates=1,2",
-                                   "--scorer", str(tmp_path / "none.pt"))
-    assert code == 1 and "no such scorer" in error_line(stderr) and "none.pt" in error_line(stderr)
+
+
+def test_a_stale_ids_file_is_refused_and_an_unreadable_vqgan_skips_its_metrics(demo_run, no_pytorch_fid,
+                                                                                 run_evaluate, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(demo_run / "data", data)
+    ids = (data / "val.ids.txt").read_text().split()
+    generated = write_generated(tmp_path / "g.tsv", list(val_pictures(demo_run).items()))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    code, result, stderr = run_evaluate("--generated", str(generated), "--data_dir", str(data), "--vqgan_ckpt",
+                                        str(bad))
+    assert code == 0, stderr
+    assert result["recon_psnr"] is None and result["r_precision"] is None and result["warnings"] == {"no VQGAN": 1}
+    (data / "val.ids.txt").write_text("".join(i + "\n" for i in ids[:-1]))  # a row short: captions would shift
+    code, _, stderr = run_evaluate("--generated", str(generated), "--data_dir", str(data))
+    assert code == 1 and "val.ids.txt does not list the 10 val rows" in error_line(stderr)
 
 
 def test_generated_pictures_must_answer_every_val_row_scored(demo_run, no_pytorch_fid, run_evaluate, tmp_path):

@@ -34,8 +34,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, vqgan_ckpt):
-    """prepare.py and train.py run as a user would, in a folder laid out like the repo (out/best.pt), with a
-    text-image scorer for best-of-N (out/scorer/best.pt)."""
+    """prepare.py and train.py run as a user would, in a folder laid out like the repo (out/best.pt)."""
     root = tmp_path_factory.mktemp("run")
     source = write_dataset(root / "muge", good_rows(24))
     write_lines(source / prepare.TEST_FILE, [f"{i}\t{caption}" for i, caption in TEST_PROMPTS])
@@ -45,10 +44,8 @@ def trained(tmp_path_factory, vqgan_ckpt):
     steps = ["--max_iters=4", "--eval_interval=2", "--eval_iters=1"]
     recipe = str(ROOT / "config" / "tiny_cpu.py")
     train.main([recipe, f"--data_dir={root / 'data'}", f"--out_dir={root / 'out'}", *steps])
-    train.main([recipe, "--model=scorer", f"--data_dir={root / 'data'}", f"--out_dir={root / 'out' / 'scorer'}",
-                *steps])
     return SimpleNamespace(root=root, ckpt=root / "out" / "best.pt", data=root / "data", vqgan=vqgan_ckpt,
-                           test_prompts=source / prepare.TEST_FILE, scorer=root / "out" / "scorer" / "best.pt")
+                           test_prompts=source / prepare.TEST_FILE)
 
 
 def run_generate(trained, *flags: str) -> tuple[list[bytes], dict]:
@@ -196,20 +193,13 @@ def test_compiled_sampling_draws_the_same_bytes_as_eager(trained, tmp_path):
     assert run_generate(trained, "--prompts", prompts, "--compile", "false", "--num_workers", "0")[0] == compiled
 
 
-def test_best_of_n_ranks_by_likelihood_unless_a_scorer_is_named(trained, tmp_path, capsys):
+def test_best_of_n_keeps_each_captions_likeliest_candidate_in_input_order(trained, tmp_path, capsys):
     prompts = str(write_prompts(tmp_path / "p.tsv", TEST_PROMPTS[:5]))
     likeliest, _ = run_generate(trained, "--prompts", prompts, "--candidates", "3", "--num_workers", "0")
     assert [parse(line)[0] for line in likeliest] == [i for i, _ in TEST_PROMPTS[:5]]
     assert "best of 3 by likelihood" in capsys.readouterr().err
-    ranked, _ = run_generate(trained, "--prompts", prompts, "--candidates", "3", "--num_workers", "0",
-                             "--scorer", str(trained.scorer))
-    assert "best of 3 by the scorer" in capsys.readouterr().err
     plain, _ = run_generate(trained, "--prompts", prompts, "--num_workers", "0")
-    assert likeliest != plain and ranked != plain
-    assert generate.main(["--ckpt", str(trained.ckpt), "--prompts", prompts, "--candidates", "2", "--scorer",
-                          str(tmp_path / "none.pt")]) == 1
-    line = error_line(capsys.readouterr().err)
-    assert "no such scorer" in line and "config/scorer_demo.py" in line and "GPT's own likelihood" in line
+    assert likeliest != plain
 
 
 # --- bad prompts ------------------------------------------------------------------------------------------------
@@ -360,15 +350,11 @@ def test_clear_errors(trained, tmp_path, capsys):
     out = io.BytesIO()
     generate.run(args, out)  # works again with --vqgan_ckpt
     assert out.getvalue().count(b"\n") == 1
-    # the scorer is not a GPT
-    assert generate.main(["--ckpt", str(trained.scorer), "--prompt", "红色"]) == 1
-    assert "holds a scorer, not a gpt" in error_line(capsys.readouterr().err)
     for flags, message in [(["--prompts", str(tmp_path / "none.tsv")], "no such prompts file"),
                            (["--prompt", "x", "--prompts", str(trained.test_prompts)], "exclude each other"),
                            (["--top_p", "0"], "--top_p must lie in"),
                            (["--candidates", "0"], "--candidates must be at least 1"),
-                           (["--temperature", "-1"], "--temperature must be 0"),
-                           (["--scorer", str(tmp_path / "none.pt"), "--candidates", "2"], "none.pt")]:
+                           (["--temperature", "-1"], "--temperature must be 0")]:
         assert generate.main(["--ckpt", str(trained.ckpt), *flags]) == 1, flags
         assert message in error_line(capsys.readouterr().err), flags
 

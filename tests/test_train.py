@@ -138,7 +138,6 @@ def test_flags_in_both_forms_and_over_recipes(tmp_path, capsys):
     assert "--compile=maybe: expected bool" in error_of(capsys, ["--compile=maybe"])
     assert "--max_iters=many: expected int" in error_of(capsys, ["--max_iters", "many"])
     assert "--model must be one of gpt, scorer, not 'bert'" in error_of(capsys, ["--model=bert"])
-    assert "--rows must be one of all, even, odd" in error_of(capsys, ["--rows=third"])
 
 
 def test_help_documents_every_setting(capsys):
@@ -321,23 +320,6 @@ def test_the_scorer_trains(data_dir, tmp_path, capsys):
     assert torch.equal(similarity.argmax(1), torch.arange(5))
     with pytest.raises(Exception, match="holds a scorer, not a gpt"):
         load_model(out / "best.pt")
-
-
-@pytest.mark.parametrize("rows, marks", [("even", {16}), ("odd", {17}), ("all", {16, 17})])
-def test_rows_learn_from_disjoint_halves(data_dir, tmp_path, monkeypatch, capsys, rows, marks):
-    seen = set()
-    get_batch = train.get_batch
-
-    def recording(data, *args):
-        codes, text = get_batch(data, *args)
-        seen.update(text[:, -1].tolist())  # the row marks: 16 even, 17 odd, 18 val
-        return codes, text
-
-    monkeypatch.setattr(train, "get_batch", recording)
-    train.main([TINY, "--model=scorer", f"--rows={rows}", "--data_dir", str(data_dir), "--out_dir",
-                str(tmp_path / "out"), "--batch_size=16", "--max_iters=4", "--eval_interval=4"])
-    assert seen - {18} == marks
-    assert f"{64 if rows == 'all' else 32} train rows" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("trained, resumed", [("gpt", "scorer"), ("scorer", "gpt")])

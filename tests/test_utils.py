@@ -295,6 +295,12 @@ def test_an_unusable_nvidia_gpu_is_an_error_not_hours_on_the_cpu(tmp_path, monke
     assert pick_device().type in ("cpu", "mps")
 
 
+def test_an_unknown_dtype_is_a_user_error():
+    assert utils.pick_dtype(torch.device("cpu"), "bfloat16") == torch.bfloat16
+    with pytest.raises(UserError, match="--dtype fp16: expected one of float32, bfloat16, float16"):
+        utils.pick_dtype(torch.device("cpu"), "fp16")
+
+
 def test_check_compiler_names_the_way_out(monkeypatch):
     # A stand-in for torch._inductor.cpp_builder: the real one takes seconds to import.
     def no_compiler():

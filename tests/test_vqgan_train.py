@@ -1,5 +1,6 @@
 import contextlib
 import dataclasses
+import itertools
 import random
 from dataclasses import asdict
 
@@ -11,19 +12,27 @@ from PIL import Image
 
 import demo
 import utils
-from utils import configure, cosine_lr
-from vqgan import VQGAN, VQGANConfig, images_to_tensor, infer_config, load_checkpoint_file, load_vqgan, psnr
+from utils import UserError, configure, cosine_lr
+from vqgan import (
+    VQGAN,
+    VQGANConfig,
+    images_to_tensor,
+    infer_config,
+    load_checkpoint_file,
+    load_vqgan,
+    psnr,
+    save_checkpoint_atomic,
+)
 from vqgan.train import (
     EMACodebook,
-    ImageStream,
     VQGANTrainConfig,
     evaluate,
-    forward,
     main,
     make_optimizers,
     quantize,
     reconstruct,
     restart_dead_codes,
+    shuffled_images,
     stream_images,
     train_step,
 )
@@ -116,18 +125,13 @@ def test_help_documents_every_setting(capsys):
 def test_training_steps_lower_the_loss():
     torch.manual_seed(0)
     model = VQGAN(TINY).train()
-    args = VQGANTrainConfig(data=["unused"])
+    args = VQGANTrainConfig(data=["unused"], learning_rate=2e-3, warmup_iters=0)
     x = images_to_tensor(demo_images(8, 32))
     device, dtype = torch.device("cpu"), torch.float32
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    restart_dead_codes(model, torch.ones(TINY.n_embed, dtype=torch.bool), model.latents(x), optimizer)
-    first = forward(model, x, args, device, dtype).loss.item()
-    for _ in range(8):
-        out = forward(model, x, args, device, dtype)
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-    assert forward(model, x, args, device, dtype).loss.item() < 0.8 * first
+    optimizers = make_optimizers(model, args, device, dtype)
+    restart_dead_codes(model, torch.ones(TINY.n_embed, dtype=torch.bool), model.latents(x), optimizers.optimizer)
+    losses = [train_step(model, x, args, step, optimizers, device, dtype)[0]["loss"].item() for step in range(10)]
+    assert losses[-1] < 0.8 * losses[0]
 
 
 def test_the_learning_rate_follows_train_pys_schedule():
@@ -141,7 +145,7 @@ def test_the_learning_rate_follows_train_pys_schedule():
     rates = []
     for step in (0, 2, 3, 10):
         train_step(model, x, args, step, optimizers, device, dtype)
-        rates.append(optimizers.model.param_groups[0]["lr"])
+        rates.append(optimizers.optimizer.param_groups[0]["lr"])
     assert rates == pytest.approx([1e-3 / 4, 3e-3 / 4, 1e-3, 1e-4])
     assert rates == [cosine_lr(step, 1e-3, 1e-4, 3, 10) for step in (0, 2, 3, 10)]
 
@@ -212,6 +216,11 @@ def test_checkpoints_load_with_load_vqgan_and_resume(tiny_data, tmp_path, capsys
     adam_steps = {int(s["step"]) for s in resumed["optimizer"]["state"].values()}
     assert adam_steps == {5}  # continued the saved optimizer, not a fresh one
     assert {int(s["step"]) for s in resumed["disc_optimizer"]["state"].values()} == {3}
+    # a training state of another layout (an older version's discriminator) is refused with what to do instead
+    resumed["discriminator"] = {f"layers.{name}": value for name, value in resumed["discriminator"].items()}
+    save_checkpoint_atomic(resumed, out / "ckpt.pt")
+    message = error_of(capsys, tiny_args(tiny_data, out, "--max_iters", "6", "--init_from=resume", *flags))
+    assert "this version cannot continue its training state" in message and "--init_from=" in message
 
 
 def test_ema_codebook_moves_used_codes_to_the_mean_of_their_latents():
@@ -280,11 +289,24 @@ def test_image_folders_hold_out_and_skip_bad_files(tmp_path, capsys):
     assert "broken.jpg: skipped" in capsys.readouterr().err
 
     held_out = frozenset(label for label, _ in found[:2])
-    stream = ImageStream([str(folder)], 32, "pad", seed=0, buffer_size=2, skip=held_out)
-    seen = [image for image, _ in zip(stream, range(9), strict=False)]
+    args = VQGANTrainConfig(data=[str(folder)], image_size=32, shuffle_buffer=2)
+    seen = list(itertools.islice(shuffled_images(args, 0, held_out, None), 9))
     originals = {image.tobytes() for _, image in found}
     held_out_images = {image.tobytes() for _, image in found[:2]}
     assert {image.tobytes() for image in seen} == originals - held_out_images
+    with pytest.raises(UserError, match="no training images left in .* after holding out the first 256"):
+        next(shuffled_images(args, 0, frozenset(label for label, _ in found), None))
+
+
+def test_worker_processes_decode_the_same_stream(tiny_data):
+    args = VQGANTrainConfig(data=[str(tiny_data / "T2I_train.img.tsv")], image_size=32, shuffle_buffer=4)
+    here = list(itertools.islice(shuffled_images(args, 3, frozenset(), None), 30))  # more than an epoch
+    pool = utils.process_pool(1)
+    try:
+        there = list(itertools.islice(shuffled_images(args, 3, frozenset(), pool), 30))
+    finally:
+        pool.shutdown(cancel_futures=True)
+    assert [image.tobytes() for image in here] == [image.tobytes() for image in there]
 
 
 def test_psnr_and_usage_measures(tmp_path):

@@ -1,7 +1,4 @@
-"""Reading and writing checkpoints safely (unpickling runs no code), and rebuilding a VQGAN from nothing but its
-tensors."""
-
-from __future__ import annotations
+"""Reading and writing checkpoints safely (unpickling runs no code); rebuilding a VQGAN from its tensors alone."""
 
 import os
 import pickle
@@ -19,7 +16,6 @@ class CheckpointError(ValueError):
     """A file that is not a loadable checkpoint; the message names the file and the reason."""
 
 
-# Globals a tensor checkpoint legitimately needs, by module.
 _ALLOWED_GLOBALS = {
     "collections": {"OrderedDict"},
     "builtins": {"set", "frozenset", "slice"},
@@ -31,7 +27,6 @@ _ALLOWED_GLOBALS = {
     "numpy.core.multiarray": {"scalar", "_reconstruct"},
     "numpy._core.multiarray": {"scalar", "_reconstruct"},
 }
-_TORCH_STORAGE = re.compile(r"(\w+Storage)$")
 # Training frameworks whose objects appear in checkpoint metadata; their state is data, never code we need.
 _INERT_MODULES = ("pytorch_lightning", "lightning", "lightning_fabric", "omegaconf")
 
@@ -39,10 +34,7 @@ _INERT_MODULES = ("pytorch_lightning", "lightning", "lightning_fabric", "omegaco
 class Placeholder:
     """Stands in for a framework class: keeps whatever state was pickled for it and does nothing else."""
 
-    qualname = "placeholder"
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Placeholder:
-        return super().__new__(cls)
+    qualname: str
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         pass
@@ -54,14 +46,6 @@ class Placeholder:
         return f"<placeholder for {self.qualname}>"
 
 
-def _placeholder(module: str, name: str) -> type:
-    return type(name, (Placeholder,), {"qualname": f"{module}.{name}", "__module__": "vqgan.checkpoint"})
-
-
-class _Refused(pickle.UnpicklingError):
-    pass
-
-
 class _RestrictedUnpickler(pickle.Unpickler):
     """Tensors and plain data pass, training-framework classes become inert placeholders, all else is refused.
     Not `weights_only=True`: that refuses taming's checkpoints, whose Lightning callbacks are keyed by a class."""
@@ -69,11 +53,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if name in _ALLOWED_GLOBALS.get(module, ()):
             return super().find_class(module, name)
-        if module == "torch" and (_TORCH_STORAGE.match(name) or isinstance(getattr(torch, name, None), torch.dtype)):
+        if module == "torch" and (name.endswith("Storage") or isinstance(getattr(torch, name, None), torch.dtype)):
             return getattr(torch, name)
         if module.split(".")[0] in _INERT_MODULES:
-            return _placeholder(module, name)
-        raise _Refused(f"refusing to load {module}.{name}: a checkpoint may hold only tensors and plain data")
+            return type(name, (Placeholder,), {"qualname": f"{module}.{name}", "__module__": __name__})
+        raise CheckpointError(f"refusing to load {module}.{name}: a checkpoint may hold only tensors and plain data")
 
 
 # torch.load uses a pickle module's `Unpickler` (zip checkpoints) and `load` (legacy ones).
@@ -91,7 +75,7 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: str | torch.devi
         raise CheckpointError(f"{path}: the file is empty")
     try:
         return torch.load(path, map_location=map_location, pickle_module=_restricted_pickle, weights_only=False)
-    except _Refused as e:
+    except CheckpointError as e:  # refused by find_class, which does not know the file
         raise CheckpointError(f"{path}: {e}") from None
     except Exception as e:  # torch reports truncation and foreign formats with many exception types
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or another format): {e}") from e
@@ -119,29 +103,10 @@ _MODEL_PREFIXES = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_qua
 _NESTED_PREFIX = "first_stage_model."
 
 
-def extract_state_dict(obj: Any, path: str | os.PathLike = "<checkpoint>") -> dict[str, torch.Tensor]:
-    """The VQGAN tensors of a taming `.ckpt`, a `{"state_dict": ...}` dict (ours too) or a bare state dict.
-
-    Loss weights are dropped; any other stray tensor is an error, so a wrong file is caught here, not by odd images."""
-    state = obj
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        state = obj["state_dict"]
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: no state dict of tensors found (keys: {_preview(obj)})")
-    if not any(k.startswith(_MODEL_PREFIXES) for k in state) and any(k.startswith(_NESTED_PREFIX) for k in state):
-        state = {k[len(_NESTED_PREFIX) :]: v for k, v in state.items() if k.startswith(_NESTED_PREFIX)}
-    state = {k: v for k, v in state.items() if not k.startswith("loss.")}
-    unexpected = sorted(k for k in state if not k.startswith(_MODEL_PREFIXES))
-    if unexpected:
-        raise CheckpointError(f"{path}: tensors that are not part of a VQGAN: {_list(unexpected)}")
-    return state
-
-
 def infer_config(state: dict[str, torch.Tensor], path: str | os.PathLike = "<checkpoint>") -> VQGANConfig:
     """Read the architecture off the tensor shapes, so that no YAML is needed."""
     try:
-        conv_in = state["encoder.conv_in.weight"]
-        ch = conv_in.shape[0]
+        ch, in_channels = state["encoder.conv_in.weight"].shape[:2]
         levels = _count(state, r"encoder\.down\.(\d+)\.")
         num_res_blocks = _count(state, r"encoder\.down\.0\.block\.(\d+)\.")
         ch_mult = tuple(state[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch for i in range(levels))
@@ -157,18 +122,28 @@ def infer_config(state: dict[str, torch.Tensor], path: str | os.PathLike = "<che
     if levels == 0 or num_res_blocks == 0:
         raise CheckpointError(f"{path}: not a VQGAN state dict: the encoder has no levels or res blocks")
     return VQGANConfig(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, attn_levels=attn_levels,
-                       in_channels=conv_in.shape[1], out_ch=out_ch, z_channels=z_channels,
+                       in_channels=in_channels, out_ch=out_ch, z_channels=z_channels,
                        double_z=encoder_out == 2 * z_channels, embed_dim=embed_dim, n_embed=n_embed)
 
 
 def load_vqgan(path: str | os.PathLike, device: str | torch.device = "cpu") -> VQGAN:
-    """A VQGAN in eval mode from a taming `.ckpt`, a bare or nested state dict, or our own training's file."""
-    state = extract_state_dict(load_checkpoint_file(path), path)
+    """A VQGAN in eval mode from a taming `.ckpt`, our `{"state_dict": ...}` or a bare or nested state dict. Loss
+    weights are dropped; any other stray tensor is an error, so a wrong file is caught here, not by odd images."""
+    obj = load_checkpoint_file(path)
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        keys = _list([str(k) for k in obj]) if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"{path}: no state dict of tensors found (keys: {keys})")
+    if not any(k.startswith(_MODEL_PREFIXES) for k in state) and any(k.startswith(_NESTED_PREFIX) for k in state):
+        state = {k[len(_NESTED_PREFIX) :]: v for k, v in state.items() if k.startswith(_NESTED_PREFIX)}
+    state = {k: v for k, v in state.items() if not k.startswith("loss.")}
+    stray = sorted(k for k in state if not k.startswith(_MODEL_PREFIXES))
+    if stray:
+        raise CheckpointError(f"{path}: tensors that are not part of a VQGAN: {_list(stray)}")
     model = VQGAN(infer_config(state, path))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        problems = [f"{what} {_list(names)}" for what, names in (("missing", missing), ("unexpected", unexpected))
-                    if names]
+    problems = [f"{what} {_list(names)}" for what, names in (("missing", missing), ("unexpected", unexpected)) if names]
+    if problems:
         raise CheckpointError(f"{path}: tensors do not match the inferred architecture: {'; '.join(problems)}")
     return model.to(device).eval().requires_grad_(False)
 
@@ -181,9 +156,3 @@ def _count(state: dict[str, torch.Tensor], pattern: str) -> int:
 def _list(names: list[str], most: int = 12) -> str:
     more = f" ... and {len(names) - most} more" if len(names) > most else ""
     return ", ".join(names[:most]) + more
-
-
-def _preview(obj: Any) -> str:
-    if isinstance(obj, dict):
-        return _list([str(k) for k in obj])
-    return type(obj).__name__

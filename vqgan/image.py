@@ -1,7 +1,5 @@
 """Conversions between pictures (PIL images, uint8 arrays) and the model's [-1, 1] tensors."""
 
-from __future__ import annotations
-
 import numpy as np
 import torch
 from PIL import Image

@@ -1,9 +1,8 @@
 """The VQGAN image tokenizer: encoder, vector quantizer and decoder. Parameter names are taming-transformers' own
 (`encoder.down.0.block.1.conv2.weight`, ...), so that its checkpoints load without renaming."""
 
-from __future__ import annotations
-
 import contextlib
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -41,15 +40,13 @@ class ResnetBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = Normalize(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        if in_channels != out_channels:
-            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+        # nn.Identity has no tensors: the state dict holds nin_shortcut only where the widths differ, as taming's
+        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.norm2(h)))
-        if hasattr(self, "nin_shortcut"):
-            x = self.nin_shortcut(x)
-        return x + h
+        return self.nin_shortcut(x) + h
 
 
 class AttnBlock(nn.Module):
@@ -68,8 +65,7 @@ class AttnBlock(nn.Module):
         y = self.norm(x)
         # [B, C, H, W] -> [B, 1, H*W, C]: one head whose sequence is the pixels
         q, k, v = (proj(y).reshape(b, 1, c, h * w).transpose(2, 3) for proj in (self.q, self.k, self.v))
-        y = F.scaled_dot_product_attention(q, k, v)
-        y = y.transpose(2, 3).reshape(b, c, h, w)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(2, 3).reshape(b, c, h, w)
         return x + self.proj_out(y)
 
 
@@ -92,31 +88,26 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _level(blocks: list[nn.Module], attns: list[nn.Module]) -> nn.Module:
-    level = nn.Module()
-    level.block = nn.ModuleList(blocks)
-    level.attn = nn.ModuleList(attns)
-    return level
+class Level(nn.Module):
+    """One resolution: res blocks, each followed by self-attention where the config asks for it."""
+
+    def __init__(self, ch_in: int, ch: int, n_blocks: int, attention: bool):
+        super().__init__()
+        self.block = nn.ModuleList(ResnetBlock(ch_in if i == 0 else ch, ch) for i in range(n_blocks))
+        self.attn = nn.ModuleList(AttnBlock(ch) for _ in range(n_blocks if attention else 0))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.block):
+            h = block(h)
+            if self.attn:
+                h = self.attn[i](h)
+        return h
 
 
-def _mid(channels: int) -> nn.Module:
-    mid = nn.Module()
-    mid.block_1 = ResnetBlock(channels, channels)
-    mid.attn_1 = AttnBlock(channels)
-    mid.block_2 = ResnetBlock(channels, channels)
-    return mid
-
-
-def _run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    for i, block in enumerate(level.block):
-        h = block(h)
-        if len(level.attn):
-            h = level.attn[i](h)
-    return h
-
-
-def _run_mid(mid: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    return mid.block_2(mid.attn_1(mid.block_1(h)))
+def _mid(channels: int) -> nn.Sequential:
+    """Res block, attention, res block at the coarsest level, under taming's names."""
+    return nn.Sequential(OrderedDict(block_1=ResnetBlock(channels, channels), attn_1=AttnBlock(channels),
+                                     block_2=ResnetBlock(channels, channels)))
 
 
 class Encoder(nn.Module):
@@ -126,14 +117,10 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList()
         channels = cfg.ch
         for i, mult in enumerate(cfg.ch_mult):
-            out = cfg.ch * mult
-            blocks = [ResnetBlock(channels if j == 0 else out, out) for j in range(cfg.num_res_blocks)]
-            attns = [AttnBlock(out) for _ in blocks] if i in cfg.attn_levels else []
-            level = _level(blocks, attns)
-            if i < len(cfg.ch_mult) - 1:
-                level.downsample = Downsample(out)
+            level = Level(channels, cfg.ch * mult, cfg.num_res_blocks, i in cfg.attn_levels)
+            channels = cfg.ch * mult
+            level.downsample = Downsample(channels) if i < len(cfg.ch_mult) - 1 else nn.Identity()
             self.down.append(level)
-            channels = out
         self.mid = _mid(channels)
         self.norm_out = Normalize(channels)
         self.conv_out = nn.Conv2d(channels, cfg.z_channels * (2 if cfg.double_z else 1), 3, padding=1)
@@ -141,11 +128,8 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in self.down:
-            h = _run_level(level, h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
-        h = _run_mid(self.mid, h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+            h = level.downsample(level(h))
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
 
 
 class Decoder(nn.Module):
@@ -154,27 +138,20 @@ class Decoder(nn.Module):
         channels = cfg.ch * cfg.ch_mult[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, channels, 3, padding=1)
         self.mid = _mid(channels)
-        levels = []
-        for i in reversed(range(len(cfg.ch_mult))):
-            out = cfg.ch * cfg.ch_mult[i]
-            blocks = [ResnetBlock(channels if j == 0 else out, out) for j in range(cfg.num_res_blocks + 1)]
-            attns = [AttnBlock(out) for _ in blocks] if i in cfg.attn_levels else []
-            level = _level(blocks, attns)
-            if i > 0:
-                level.upsample = Upsample(out)
-            levels.insert(0, level)
-            channels = out
         # Stored finest-first (up.0 is full resolution) but run coarsest-first, as in the checkpoints.
-        self.up = nn.ModuleList(levels)
+        self.up = nn.ModuleList()
+        for i in reversed(range(len(cfg.ch_mult))):
+            level = Level(channels, cfg.ch * cfg.ch_mult[i], cfg.num_res_blocks + 1, i in cfg.attn_levels)
+            channels = cfg.ch * cfg.ch_mult[i]
+            level.upsample = Upsample(channels) if i > 0 else nn.Identity()
+            self.up.insert(0, level)
         self.norm_out = Normalize(channels)
         self.conv_out = nn.Conv2d(channels, cfg.out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = _run_mid(self.mid, self.conv_in(z))
+        h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
-            h = _run_level(level, h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
+            h = level.upsample(level(h))
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
