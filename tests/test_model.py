@@ -52,6 +52,9 @@ def test_forward_shapes_and_initial_loss():
     assert logits.shape == (3, 12, 32)
     # small initial weights predict nearly uniformly
     assert abs(loss.item() - math.log(32)) < 0.2
+    # codes of a larger grid (data prepared for another model) are named, not an index error deep inside
+    with pytest.raises(ValueError, match="13 codes per image, but the grid holds 12"):
+        model(torch.zeros(3, 13, dtype=torch.long), captions())
 
 
 def test_score_is_each_grids_mean_log_likelihood_whatever_the_slices():

@@ -375,6 +375,20 @@ def build_model(args: VQGANTrainConfig, resume: dict | None) -> tuple[VQGAN, boo
                              n_embed=args.n_embed)), True
 
 
+def restore_training_state(resume: dict, optimizers: Optimizers, device: torch.device, ckpt_path: Path) -> None:
+    """The optimizers' and torch's random states of a checkpoint (the image stream reseeds by step)."""
+    try:
+        for key, part in optimizers._asdict().items():
+            if part is not None and resume.get(key) is not None:
+                part.load_state_dict(resume[key])
+    except RuntimeError:  # an older layout of the discriminator or the codebook averages
+        raise UserError(f"{ckpt_path}: this version cannot continue its training state; fine-tune from its weights "
+                        f"instead: --init_from={ckpt_path.parent / EXPORT_FILE} and another --out_dir") from None
+    torch.set_rng_state(resume["rng"]["torch"])
+    if device.type == "cuda" and "cuda" in resume["rng"]:
+        torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
+
+
 def held_out_and_batches(args: VQGANTrainConfig, step: int, pool: ProcessPoolExecutor | None
                          ) -> tuple[np.ndarray, Iterator[np.ndarray]]:
     """The held-out images (val_data, or else the first val_images of data, which training then skips) and the
@@ -408,16 +422,7 @@ def train(args: VQGANTrainConfig, pool: ProcessPoolExecutor | None = None, comma
     usage_counts = torch.zeros(n_embed, dtype=torch.long, device=device)
     step, metrics = 0, {}
     if resume is not None:
-        try:
-            for key, part in optimizers._asdict().items():
-                if part is not None and resume.get(key) is not None:
-                    part.load_state_dict(resume[key])
-        except RuntimeError:  # an older layout of the discriminator or the codebook averages
-            raise UserError(f"{ckpt_path}: this version cannot continue its training state; fine-tune from its weights "
-                            f"instead: --init_from={out_dir / EXPORT_FILE} and another --out_dir") from None
-        torch.set_rng_state(resume["rng"]["torch"])  # the image stream has its own generators, reseeded by step
-        if device.type == "cuda" and "cuda" in resume["rng"]:
-            torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
+        restore_training_state(resume, optimizers, device, ckpt_path)
         usage_counts, step, metrics = resume["usage_counts"].to(device), resume["step"], resume.get("metrics", {})
         print(f"resuming {ckpt_path} at step {step}", file=sys.stderr)
     val_images, batches = held_out_and_batches(args, step, pool)
