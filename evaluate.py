@@ -328,10 +328,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     vq_path = args.vqgan_ckpt or split.meta.get("vqgan_ckpt")
     if vq is None:  # a VQGAN is needed by the round trip and the grader only: the rest still runs
         try:
-            vq = load_vqgan(vq_path or "", device)
+            if not vq_path:
+                raise CheckpointError("the data records no VQGAN")
+            vq = load_vqgan(vq_path, device)
         except CheckpointError as e:
-            report.warn(str(vq_path), "no VQGAN", f"{e}; the round-trip metrics and R-precision are skipped (pass "
-                        "--vqgan_ckpt)")
+            report.warn("--vqgan_ckpt", "no VQGAN", f"{e}; the round-trip metrics and R-precision are skipped")
     judges = Judges(args, ckpt, split, vq, device, skipped)
     result: dict[str, Any] = {"val_bits_per_code": None}
     if pipe is not None:
